@@ -1,0 +1,709 @@
+"""
+eemini: confidence-routed early exit for a character-level GPT, in one file.
+
+Easy characters leave the network at a shallow exit layer; hard ones go through every layer.
+Read top to bottom: errors and data -> model -> exits and routing -> losses -> compute
+accounting -> evaluation -> checkpoints.
+
+References
+[1] Teerapittayanon et al. 2016, BranchyNet: fast inference via early exiting. arXiv:1709.01686
+[2] Elbayad et al. 2020, Depth-Adaptive Transformer (auxiliary exit losses). arXiv:1910.10073
+[3] Schuster et al. 2022, CALM: Confident Adaptive Language Modeling. arXiv:2207.07061
+[4] Lee et al. 2015, Deeply-Supervised Nets. arXiv:1409.5185
+[5] Elhoushi et al. 2024, LayerSkip: early exit inference and self-speculative decoding. arXiv:2404.16710
+[6] Merity et al. 2016, Pointer Sentinel Mixture Models (the WikiText data sets). arXiv:1609.07843
+"""
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class EEminiError(Exception):
+    """A problem the user can fix (bad data path, bad flag, foreign checkpoint): printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump): `train.py: error: ... (see --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main, parse_args):
+    """Run a script's main(); a problem the user can fix ends in one `error:` line, exit code 2."""
+    try:
+        return main(parse_args())
+    except EEminiError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+def pick_device(name=""):
+    """--device: empty = the best there is, cuda -> mps -> cpu."""
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise EEminiError(f"device '{name}' is not usable here ({str(e)[:80]}); try --device cpu") from None
+    return name
+
+
+def autocast(device):
+    """bf16 autocast on CUDA where the GPU supports it; full fp32 everywhere else."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# data: character-level WikiText-2 from plain text [6]
+
+WIKITEXT_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
+WIKITEXT_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+CACHE_DIR = Path(os.environ.get("EEMINI_CACHE", Path.home() / ".cache" / "eemini"))
+UNK = "\ufffd"  # id 0: every character the training text never showed
+
+
+def download_wikitext(cache_dir=CACHE_DIR):
+    """Fetch wikitext-2-raw-v1.zip once, check its sha256, unpack it; returns the split folder."""
+    folder = Path(cache_dir) / "wikitext-2-raw"
+    if (folder / "wiki.train.raw").exists():
+        return folder
+    print(f"downloading WikiText-2 (4.7 MB) from {WIKITEXT_URL} into {cache_dir}")
+    try:
+        with urllib.request.urlopen(WIKITEXT_URL, timeout=30) as r:
+            blob = r.read()
+    except OSError as e:
+        raise EEminiError(f"could not download WikiText-2 ({e}); fetch wikitext-2-raw-v1.zip by hand, "
+                          f"unzip it and pass --data path/to/wikitext-2-raw") from None
+    if hashlib.sha256(blob).hexdigest() != WIKITEXT_SHA256:
+        raise EEminiError(f"the download from {WIKITEXT_URL} failed its sha256 check; try again or pass --data")
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # unpack beside, then rename: never half a folder
+        zip_path = Path(tmp) / "wikitext-2-raw-v1.zip"
+        zip_path.write_bytes(blob)
+        zipfile.ZipFile(zip_path).extractall(tmp)
+        os.replace(Path(tmp) / "wikitext-2-raw", folder)
+    return folder
+
+
+def read_split(data, split):
+    """(text, source) of one split ('train', 'valid', 'test') from a WikiText folder or one text file.
+
+    A folder may hold wiki.{split}.raw or .tokens; where it has both, the raw variant is taken for
+    every split (mixing them inflates validation PPL: .tokens writes rare words as <unk>).
+    A single file is cut 90/10 into train and valid; it has no test split.
+    """
+    path = Path(data) if data else download_wikitext()
+    if path.is_dir():
+        raw = all((path / f"wiki.{s}.raw").exists() for s in ("train", "valid"))
+        file = path / f"wiki.{split}.{'raw' if raw else 'tokens'}"
+        if not file.exists():
+            raise EEminiError(f"{path} has no {file.name}; --data wants a folder with "
+                              f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
+        text, source = file.read_text(encoding="utf-8"), str(file)
+    elif path.is_file():
+        if split == "test":
+            raise EEminiError(f"{path} is a single text file, which has no test split; use --split valid")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        cut = int(len(text) * 0.9)
+        text, source = (text[:cut], f"{path} [:90%]") if split == "train" else (text[cut:], f"{path} [90%:]")
+    else:
+        raise EEminiError(f"no data at {path}; pass --data a WikiText-2 folder or a text file "
+                          f"(or no --data, to download WikiText-2 once)")
+    if not text.strip():
+        raise EEminiError(f"the {split} text from {path} is empty; point --data at real text")
+    return text, source
+
+
+class Vocab:
+    """Characters of the training text, id 0 reserved for characters it never showed."""
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls([UNK] + sorted(set(text) - {UNK}))
+
+    def encode(self, text):
+        return torch.tensor([self.stoi.get(ch, 0) for ch in text], dtype=torch.long)
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+    def __len__(self):
+        return len(self.itos)
+
+
+def load_data(data, train_chars=500_000, val_chars=50_000, split="valid"):
+    """(vocab, train ids, eval ids) for the first train_chars / val_chars characters of each split."""
+    (train, train_src), (held, held_src) = read_split(data, "train"), read_split(data, split)
+    train, held = train[:train_chars], held[:val_chars]
+    vocab = Vocab.from_text(train)
+    unseen = sum(ch not in vocab.stoi for ch in held)
+    print(f"data: {len(train):,} chars of {train_src} | {len(held):,} chars of {held_src} | vocab {len(vocab)} "
+          f"| {unseen} {split} chars unseen in train -> unknown id")
+    return vocab, vocab.encode(train), vocab.encode(held)
+
+
+# ----------------------------------------------------------------------------------------------
+# model: a pre-norm GPT (nanoGPT layout) whose attention can skip the queries of exited tokens
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated to the context; appendable and truncatable.
+
+    truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
+    verifies, and the rejected drafts' entries are cut back.
+    """
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, block_size, D)
+            self.v = v.new_empty(B, H, block_size, D)
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def truncate(self, length):
+        self.length = min(self.length, length)
+
+
+def new_cache(n_layer):
+    return [KVCache() for _ in range(n_layer)]
+
+
+def gather_tokens(x, idx):  # x: (B, T, C), idx: (B, Tq) -> (B, Tq, C)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head, self.block_size, self.dropout = cfg.n_head, cfg.block_size, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, q_idx=None, cache=None):
+        """x: (B, T, C) normed states of T new tokens. q_idx: (B, Tq) the ones that ask a query
+        (None = all); every token writes its key and value, also one that has exited."""
+        B, T, C = x.size()
+        w, b = self.c_attn.weight, self.c_attn.bias
+        if q_idx is None:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:  # true early exit: K/V for every token, Q only for the tokens still going deep
+            k, v = F.linear(x, w[C:], None if b is None else b[C:]).split(C, dim=2)
+            q = F.linear(gather_tokens(x, q_idx), w[:C], None if b is None else b[:C])
+        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
+        if q.size(2) == 0:
+            return x.new_zeros(B, 0, C)
+        drop = self.dropout if self.training else 0.0
+        if q_idx is None and start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:  # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
+            qpos = start + (torch.arange(T, device=x.device).expand(B, T) if q_idx is None else q_idx)
+            mask = torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)  # (B, Tq, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, -1, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim or 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim or 4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, deep=None, cache=None):
+        """deep: (B, T) bool, the tokens this layer updates (None = all). The others keep their
+        state, frozen at the layer they exited, and only lend it as K/V (state propagation [3])."""
+        if deep is None:
+            x = x + self.attn(self.ln_1(x), cache=cache)
+            return x + self.mlp(self.ln_2(x))
+        B, T = deep.shape
+        n_deep = deep.sum(1)  # (B,)
+        # positions of the deep tokens first, in order, then padding: a stable sort on "exited?"
+        order = torch.argsort((~deep).long() * T + torch.arange(T, device=deep.device), dim=1)
+        q_idx = order[:, : int(n_deep.max())]  # (B, Tq)
+        x_deep = gather_tokens(x, q_idx)  # (B, Tq, C)
+        h = x_deep + self.attn(self.ln_1(x), q_idx, cache)
+        h = h + self.mlp(self.ln_2(h))
+        real = torch.arange(q_idx.size(1), device=x.device) < n_deep.unsqueeze(1)  # not padding
+        h = torch.where(real.unsqueeze(-1), h, x_deep)
+        return x.scatter(1, q_idx.unsqueeze(-1).expand_as(h), h)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 128  # context length in characters
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 64
+    ffn_dim: int = 0  # MLP hidden width; 0 means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False
+    exit_layer: int = 1  # the exit point: a token may leave after this layer (1 .. n_layer-1)
+    # middle layers with a head of their own: the exit layer, plus any a loss supervises
+    # (deepsup puts one on every layer). The last layer's head is ln_f + lm_head.
+    head_layers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.head_layers = sorted(set(self.head_layers) | {self.exit_layer})
+        if not 1 <= self.exit_layer < self.n_layer:
+            raise EEminiError(f"exit layer {self.exit_layer} must be between 1 and n_layer-1 = {self.n_layer - 1}")
+        if self.n_embd % self.n_head:
+            raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if not all(1 <= k < self.n_layer for k in self.head_layers):
+            raise EEminiError(f"head layers {self.head_layers} must lie in 1..{self.n_layer - 1}")
+
+    @property
+    def exits(self):
+        """Exit points in depth order. One today; routing and accounting loop over this list."""
+        return [self.exit_layer]
+
+
+class ExitHead(nn.Module):
+    """Norm + linear to the vocabulary, read off a middle layer (BranchyNet's side branch [1])."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, x):
+        return self.head(self.ln(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.exit_heads = nn.ModuleDict({str(k): ExitHead(cfg) for k in cfg.head_layers})
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def head(self, layer, x):
+        """Logits read off the state after `layer` (1-based); the last layer uses ln_f + lm_head."""
+        if layer == self.config.n_layer:
+            return self.lm_head(self.transformer.ln_f(x))
+        return self.exit_heads[str(layer)](x)
+
+    def embed(self, idx, start=0):
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise EEminiError(f"a sequence of {start + T} characters is longer than the model's context "
+                              f"({self.config.block_size}); use shorter windows or train with a larger --block-size")
+        pos = torch.arange(start, start + T, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+
+    def forward(self, idx, targets=None, layer_weights=None):
+        """Logits at every layer with a head ({layer: (B, T, V)}), and, given targets and
+        {layer: weight}, the weighted loss and each weighted layer's CE. Training calls this."""
+        x = self.embed(idx)
+        logits = {}  # training reads only the weighted layers' heads; evaluation reads them all
+        wanted = set(layer_weights) if layer_weights else {*self.config.head_layers, self.config.n_layer}
+        for k, block in enumerate(self.transformer.h, 1):
+            x = block(x)
+            if k in wanted:
+                logits[k] = self.head(k, x)
+        if targets is None:
+            return logits, None, None
+        ce = {k: F.cross_entropy(logits[k].flatten(0, 1), targets.flatten()) for k in layer_weights}
+        return logits, weighted_loss(ce, layer_weights), ce
+
+    def forward_all_layers(self, idx):
+        """{layer: logits} after every layer that has a head (deep supervision reads these)."""
+        return self(idx)[0]
+
+    def forward_train(self, idx):
+        """(shallow, deep) logits: the exit head's and the last layer's."""
+        logits = self(idx)[0]
+        return logits[self.config.exit_layer], logits[self.config.n_layer]
+
+    @torch.no_grad()
+    def forward_exit(self, idx, threshold, confidence="softmax", cache=None):
+        """True early exit [3]: a token whose confidence at an exit point reaches the threshold
+        stops there; the deep layers skip its attention query and MLP and compute only its K/V,
+        from its frozen state. With a cache (one KVCache a layer), idx continues the cached text.
+        Returns logits (B, T, V), the layer each token left at (B, T), the confidence at the
+        first exit point (B, T)."""
+        cfg = self.config
+        x = self.embed(idx, cache[0].length if cache else 0)
+        deep = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        depth = torch.full(idx.shape, cfg.n_layer, device=idx.device)
+        logits = x.new_zeros(*idx.shape, cfg.vocab_size)
+        first_conf = None
+        for k, block in enumerate(self.transformer.h, 1):
+            x = block(x, None if k <= cfg.exits[0] else deep, cache[k - 1] if cache else None)
+            if k in cfg.exits:
+                exit_logits = self.head(k, x[deep])  # only the tokens still in flight
+                conf = x.new_zeros(idx.shape)
+                conf[deep] = CONFIDENCE[confidence](exit_logits)
+                first_conf = conf if first_conf is None else first_conf
+                leave = deep & exit_mask(conf, threshold)
+                logits[leave] = exit_logits[leave[deep]]
+                depth[leave] = k
+                deep = deep & ~leave
+        if deep.any():
+            logits[deep] = self.head(cfg.n_layer, x[deep])
+        return logits, depth, first_conf
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=None,
+                 confidence="softmax", generator=None):
+        """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
+        0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
+        (B, new). When the context is full, the cache is rebuilt from the last half of the text."""
+        block_size, cache, depths = self.config.block_size, None, []
+        for _ in range(max_new_tokens):
+            if cache is None or cache[0].length >= block_size:  # (re)fill the cache from the text
+                cache = new_cache(self.config.n_layer)
+                step_in = idx[:, -(block_size if not depths else block_size // 2):]
+            logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache)
+            logits = logits[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            depths.append(depth[:, -1])
+            idx = torch.cat([idx, nxt], dim=1)
+            step_in = nxt
+        return idx, torch.stack(depths, 1) if depths else idx.new_zeros(idx.size(0), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# exits and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
+
+
+def conf_softmax(logits):
+    """Max softmax probability (the seeds' confidence, CALM's 'softmax response' [3])."""
+    return F.softmax(logits.float(), dim=-1).max(-1).values
+
+
+def conf_margin(logits):
+    """Top-1 minus top-2 softmax probability."""
+    top2 = torch.topk(F.softmax(logits.float(), dim=-1), 2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def conf_entropy(logits):
+    """Negative entropy, rescaled to [0, 1]: 1 - H(p) / log V (1 = one-hot, 0 = uniform)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return 1.0 + (logp.exp() * logp).sum(-1) / math.log(logits.size(-1))
+
+
+CONFIDENCE = {"softmax": conf_softmax, "margin": conf_margin, "entropy": conf_entropy}
+
+
+def check_threshold(threshold):
+    if not 0.0 <= threshold <= 1.0:
+        raise EEminiError(f"threshold {threshold} is outside [0, 1]; 0 sends every token out early, 1 none")
+    return threshold
+
+
+def exit_mask(conf, threshold):
+    """conf >= threshold, except that threshold 1.0 means no exit at all (float softmax can round
+    a near-certain prediction to exactly 1.0, and 1.0 is the 'full depth' end of every sweep)."""
+    check_threshold(threshold)
+    if threshold >= 1.0:
+        return torch.zeros_like(conf, dtype=torch.bool)
+    return conf >= threshold
+
+
+def exit_depth(conf_by_exit, threshold, n_layer):
+    """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
+    the threshold, else n_layer. conf_by_exit: {exit layer: (…) confidence}."""
+    depth = None
+    for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
+        conf = conf_by_exit[k]
+        depth = torch.full_like(conf, n_layer, dtype=torch.long) if depth is None else depth
+        depth = torch.where(exit_mask(conf, threshold), k, depth)
+    return depth
+
+
+def pick_by_depth(by_layer, depth):
+    """Per token, the entry of by_layer ({layer: (…) or (…, V)}) at the layer it left at."""
+    out = by_layer[max(by_layer)]
+    for k in sorted(by_layer)[:-1]:
+        d = depth.unsqueeze(-1) if out.dim() > depth.dim() else depth
+        out = torch.where(d == k, by_layer[k], out)
+    return out
+
+
+def route(logits_by_layer, threshold, exits, confidence="softmax"):
+    """Masked routing (what the seeds measured): every layer ran for every token; each token's
+    output is taken from the exit it left at or the last layer. Returns (logits, depth, conf),
+    conf at the first exit point; depth < n_layer marks the tokens that exited."""
+    n_layer = max(logits_by_layer)
+    confs = {k: CONFIDENCE[confidence](logits_by_layer[k]) for k in exits}
+    depth = exit_depth(confs, threshold, n_layer)
+    picked = pick_by_depth({k: logits_by_layer[k] for k in [*exits, n_layer]}, depth)
+    return picked, depth, confs[exits[0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# loss schemes: each one a table {layer: weight}; the loss is sum_k weight_k * CE(layer k)
+
+
+def loss_final(n_layer, exit_layer, alpha):
+    """Seed 000 'Standard': CE of the last layer only (with n_layer=1, 'Standard 1L')."""
+    return {n_layer: 1.0}
+
+
+def loss_aux(n_layer, exit_layer, alpha):
+    """Seeds 000/001 Exp 3, Depth-Adaptive Transformer [2]: 0.5 CE(exit) + 0.5 CE(final)."""
+    return {exit_layer: 0.5, n_layer: 0.5}
+
+
+def loss_deepsup(n_layer, exit_layer, alpha):
+    """Seeds 000/001 Exp 4, Deeply-Supervised Nets [4] (the seeds' 'LPT'): mean CE over all layers."""
+    return {k: 1.0 / n_layer for k in range(1, n_layer + 1)}
+
+
+def loss_asym(n_layer, exit_layer, alpha):
+    """Seed 003 Exp 5 and seed 002: alpha CE(exit) + (1-alpha) CE(final), middle layers unsupervised."""
+    return {exit_layer: alpha, n_layer: 1.0 - alpha}
+
+
+def loss_asym_deepsup(n_layer, exit_layer, alpha):
+    """Seed 003 Exp 6: alpha CE(exit) + 1.0 CE(every other middle layer) + (1-alpha) CE(final)."""
+    return {k: alpha if k == exit_layer else 1.0 - alpha if k == n_layer else 1.0 for k in range(1, n_layer + 1)}
+
+
+LOSSES = {"final": loss_final, "aux": loss_aux, "deepsup": loss_deepsup,
+          "asym": loss_asym, "asym_deepsup": loss_asym_deepsup}
+
+
+def layer_weights(loss, n_layer, exit_layer, alpha=0.5, weights=None):
+    """The {layer: weight} table of a scheme, or of an explicit per-layer list such as seed 002's
+    [0, 0.7, 0, 0.3]. Layers of weight 0 are dropped (they get no head and no loss)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise EEminiError(f"alpha {alpha} is outside [0, 1]; it weighs the exit's loss against the final's")
+    if weights is not None:
+        if len(weights) != n_layer or min(weights) < 0 or sum(weights) <= 0:
+            raise EEminiError(f"--layer-weights needs {n_layer} non-negative numbers, one a layer, "
+                              f"not all zero (got {weights})")
+        table = dict(enumerate(weights, 1))
+    else:
+        table = LOSSES[loss](n_layer, exit_layer, alpha)
+    return {k: float(w) for k, w in table.items() if w > 0}
+
+
+def weighted_loss(ce_by_layer, weights):
+    return sum(weights[k] * ce_by_layer[k] for k in weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# compute accounting
+
+
+def compute_percent(depth, n_layer):
+    """The seeds' Compute%: mean layers run per token / n_layer (shallow*k/L + (1-shallow)*1)."""
+    return 100.0 * depth.float().mean().item() / n_layer
+
+
+def flops_per_token(cfg, context=None):
+    """Forward FLOPs of one token (2 per multiply-add): one layer, one head, one layer's K/V
+    projection. Attention is counted over `context` keys (default: half the block, the mean)."""
+    C, Fd, V = cfg.n_embd, cfg.ffn_dim or 4 * cfg.n_embd, cfg.vocab_size
+    ctx = cfg.block_size / 2 if context is None else context
+    layer = 2 * 4 * C * C + 2 * 2 * ctx * C + 2 * 2 * C * Fd  # qkv + proj, scores + mix, MLP
+    return layer, 2 * C * V, 2 * 2 * C * C
+
+
+def flops_percent(depth, cfg, context=None):
+    """FLOPs of this routing under true early exit, as % of a plain n_layer GPT with one head.
+    Counts what Compute% hides: every exit head a token reaches, and the K/V an exited token
+    still computes in each layer above its exit."""
+    layer, head, kv = flops_per_token(cfg, context)
+    L, d = cfg.n_layer, depth.double()
+    heads = sum((d >= k).double() for k in cfg.exits) + (d == L).double()
+    cost = d * layer + heads * head + (L - d) * kv
+    return 100.0 * cost.mean().item() / (L * layer + head)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: one pass gathers per-token CE and confidences; every threshold is read from them
+
+
+def eval_windows(data, block_size, batch_size):
+    """Non-overlapping (x, y) windows covering data, batch_size windows at a time."""
+    n = (len(data) - 1) // block_size
+    if n == 0:
+        raise EEminiError(f"the evaluation text ({len(data)} chars) is shorter than one window of "
+                          f"{block_size + 1}; use more --val-chars or a smaller --block-size")
+    x = data[: n * block_size].view(n, block_size)
+    y = data[1 : n * block_size + 1].view(n, block_size)
+    for i in range(0, n, batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+@torch.no_grad()
+def token_stats(model, data, batch_size=64, device="cpu"):
+    """One masked forward over data: per token, CE at every head and each confidence measure at
+    each exit point. {'ce': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'correct': {layer: (N,)}}."""
+    model.eval()
+    cfg = model.config
+    ce, correct, conf = {}, {}, {m: {} for m in CONFIDENCE}
+    for x, y in eval_windows(data, cfg.block_size, batch_size):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)[0]
+        for k, lg in logits.items():
+            lg = lg.float()
+            ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none").cpu())
+            correct.setdefault(k, []).append((lg.argmax(-1) == y).flatten().cpu())
+            if k in cfg.exits:
+                for m, fn in CONFIDENCE.items():
+                    conf[m].setdefault(k, []).append(fn(lg).flatten().cpu())
+    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+    return {"ce": cat(ce), "correct": cat(correct), "conf": {m: cat(c) for m, c in conf.items()}}
+
+
+def routed_metrics(stats, threshold, cfg, confidence="softmax"):
+    """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
+    depth = exit_depth(stats["conf"][confidence], threshold, cfg.n_layer)
+    ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+    return summarize(ce, depth, cfg, threshold)
+
+
+def summarize(ce, depth, cfg, threshold):
+    """One row of a results table from per-token CE and exit depth."""
+    return {"threshold": threshold, "ppl": math.exp(ce.mean().item()),
+            "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
+            "compute": compute_percent(depth, cfg.n_layer), "flops": flops_percent(depth, cfg)}
+
+
+@torch.no_grad()
+def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax"):
+    """The same figures as routed_metrics, measured with true early exit (one pass a threshold:
+    which states the deep layers see depends on who exited)."""
+    model.eval()
+    ce, depth = [], []
+    for x, y in eval_windows(data, model.config.block_size, batch_size):
+        logits, d, _ = model.forward_exit(x.to(device), threshold, confidence)
+        ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
+        depth.append(d.flatten().cpu())
+    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold)
+
+
+def layer_ppl(stats):
+    """{layer: PPL} of each head alone."""
+    return {k: math.exp(v.mean().item()) for k, v in stats["ce"].items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: one file, plain tensors and Python values only (torch.load(weights_only=True))
+
+CKPT_FORMAT = "eemini-1"
+
+
+def save_checkpoint(path, model, vocab, **extra):
+    """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically:
+    to a temp file beside path, then rename, so an interrupted save never spoils the old file."""
+    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
+    ckpt = {"format": CKPT_FORMAT, "config": asdict(raw.config), "model": raw.state_dict(),
+            "vocab": vocab.itos, **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict, or one clear EEminiError for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EEminiError(f"no checkpoint at {path}; train one with `python train.py` (or pass its path)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise EEminiError(f"{path} is not a readable checkpoint ({reason}); re-train or re-copy it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise EEminiError(f"{path} is not an eemini checkpoint (no '{CKPT_FORMAT}' format tag); "
+                          f"pass a file written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """(model in eval mode, vocab) from a checkpoint dict."""
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise EEminiError(f"the checkpoint's model does not match its config ({str(e)[:120]}); "
+                          f"it is damaged or from another version") from None
+    return model.to(device).eval(), Vocab(ckpt["vocab"])

@@ -1,0 +1,162 @@
+"""train.py end to end, checkpoints, resume, and the one-line errors for bad input.
+
+Run: python -m pytest tests/test_train.py -q
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eemini as ee
+import train
+from conftest import SHARED_DATA, TINY_TRAIN, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(*argv):
+    return train.main(train.parse_args(list(argv)))
+
+
+def cli_error(main, parse_args, argv):
+    """The one-line message a script prints for bad input (SystemExit, never a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        ee.run_cli(main, lambda: parse_args(argv))
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
+def test_tiny_end_to_end_run(text_file, tmp_path, capsys):
+    out = tmp_path / "ckpt.pt"
+    model = run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN)
+    printed = capsys.readouterr().out
+    assert "## Results" in printed and "## Threshold Analysis" in printed and "| 0.95 |" in printed
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["args"]["loss"] == "asym" and "optimizer" in ckpt
+    assert set(ckpt["metrics"]["val_ppl"]) == {"1", "3"}
+    # the table's full-depth row is the last layer's PPL, the exit-only row the exit head's
+    assert ckpt["metrics"]["full"]["ppl"] == pytest.approx(ckpt["metrics"]["val_ppl"]["3"], rel=1e-5)
+    assert ckpt["metrics"]["exit_only"]["ppl"] == pytest.approx(ckpt["metrics"]["val_ppl"]["1"], rel=1e-5)
+    assert ckpt["metrics"]["exit_only"]["compute"] == pytest.approx(100 / 3)
+    assert isinstance(model, ee.GPT)
+
+
+def test_wiki_folder_and_layer_weights(wiki_folder, tmp_path, capsys):
+    out = tmp_path / "ckpt.pt"
+    args = [*TINY_TRAIN, "--n-layer", "4", "--exit-layer", "2", "--layer-weights", "0,0.7,0,0.3"]
+    model = run_train("--data", str(wiki_folder), "--out", str(out), *args)
+    assert model.config.head_layers == [2]  # no head where the weight is 0
+    assert "wiki.valid.raw" in capsys.readouterr().out
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    model = make_model(head_layers=[2])
+    vocab = ee.Vocab([chr(97 + i) for i in range(23)])
+    ee.save_checkpoint(tmp_path / "m.pt", model, vocab, step=3)
+    loaded, vocab2 = ee.model_from_checkpoint(ee.load_checkpoint(tmp_path / "m.pt"))
+    x = torch.randint(0, 23, (2, 16))
+    a, b = model.forward_all_layers(x), loaded.forward_all_layers(x)
+    assert vocab2.itos == vocab.itos and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
+    """6 steps, then resume to 10 == 10 steps straight: same weights, no replayed batches.
+    (A constant learning rate, since the cosine's length depends on --max-iters.)"""
+    base = ["--data", str(text_file), *TINY_TRAIN, "--eval-interval", "100", "--warmup-iters", "0",
+            "--lr", "1e-3", "--min-lr", "1e-3"]
+    run_train(*base, "--out", str(tmp_path / "a.pt"), "--max-iters", "10")
+    run_train(*base, "--out", str(tmp_path / "b.pt"), "--max-iters", "6")
+    resumed = run_train(*base, "--out", str(tmp_path / "b.pt"), "--max-iters", "10", "--resume")
+    straight = ee.load_checkpoint(tmp_path / "a.pt")
+    assert ee.load_checkpoint(tmp_path / "b.pt")["step"] == 10
+    for k, v in resumed.state_dict().items():
+        assert torch.allclose(v, straight["model"][k], atol=1e-6), k
+
+
+def test_batches_differ_between_steps():
+    data = torch.arange(1000)
+    g = torch.Generator()
+    g.manual_seed(1), (a := train.get_batch(data, 8, 4, g, "cpu"))
+    g.manual_seed(2), (b := train.get_batch(data, 8, 4, g, "cpu"))
+    assert not torch.equal(a[0], b[0]) and torch.equal(a[1][:, :-1], a[0][:, 1:])
+
+
+def test_lr_schedule():
+    args = train.parse_args(["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "10", "--max-iters", "110"])
+    assert train.get_lr(0, args) == pytest.approx(1e-4)
+    assert train.get_lr(9, args) == pytest.approx(1e-3)
+    assert train.get_lr(60, args) == pytest.approx(5.5e-4)
+    assert train.get_lr(110, args) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--alpha", "1.5"], "--alpha 1.5 is outside"),
+    (["--threshold", "-0.1"], "--threshold -0.1 is outside"),
+    (["--exit-layer", "3"], "--exit-layer 3 must be between 1 and"),
+    (["--layer-weights", "1,2"], "--layer-weights has 2 entries"),
+    (["--n-embd", "30", "--n-head", "4"], "not divisible"),
+])
+def test_bad_flags_give_one_line(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+
+
+def test_missing_and_empty_data(tmp_path):
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "nope"), *TINY_TRAIN])
+    assert "no data at" in msg
+    (tmp_path / "empty.txt").write_text("  \n")
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "empty.txt"), *TINY_TRAIN])
+    assert "is empty" in msg
+    (tmp_path / "short.txt").write_text("abc" * 10)
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "short.txt"), *TINY_TRAIN])
+    assert "shorter than one window" in msg
+
+
+def test_bad_checkpoints(tmp_path):
+    corrupt, foreign = tmp_path / "corrupt.pt", tmp_path / "foreign.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    torch.save({"model": {}}, foreign)
+    for path, match in ((tmp_path / "missing.pt", "no checkpoint at"), (corrupt, "not a readable checkpoint"),
+                        (foreign, "not an eemini checkpoint")):
+        with pytest.raises(ee.EEminiError, match=match):
+            ee.load_checkpoint(path)
+    msg = cli_error(train.main, train.parse_args, ["--resume", "--out", str(corrupt), *TINY_TRAIN])
+    assert "not a readable checkpoint" in msg
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model, vocab = make_model(), ee.Vocab([chr(97 + i) for i in range(23)])
+    ee.save_checkpoint(path, model, vocab, step=1)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ee.save_checkpoint(path, model, vocab, step=2)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: no data at")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data/wikitext-2")
+def test_wikitext_loads_raw_variant_and_counts_unknowns():
+    vocab, train_ids, val_ids = ee.load_data(SHARED_DATA, 500_000, 50_000)
+    assert len(train_ids) == 500_000 and len(val_ids) == 50_000
+    assert (val_ids == 0).sum().item() == 11  # 11 validation characters never occur in train
+    assert vocab.decode(train_ids[:30].tolist()).startswith(" \n = Valkyria Chronicles III")
