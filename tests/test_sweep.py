@@ -1,0 +1,154 @@
+"""sweep.py against direct routed evaluation, the oracle against brute force, files, bad input.
+
+Run: python -m pytest tests/test_sweep.py -q
+"""
+
+import csv
+import itertools
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import eemini as ee
+import sweep
+import train
+from conftest import TINY_TRAIN, tiny_text
+from test_train import cli_error
+
+THRESHOLDS = "0,0.3,0.5,0.7,0.9,1"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two tiny checkpoints trained on the spot: asym (the default) and --loss final."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "tiny.txt").write_text(tiny_text())
+    for name, loss in (("asym", "asym"), ("final", "final")):
+        train.main(train.parse_args(["--data", str(tmp / "tiny.txt"), "--out", str(tmp / f"{name}.pt"),
+                                     "--loss", loss, *TINY_TRAIN]))
+    return tmp
+
+
+def run_sweep(*argv):
+    return sweep.main(sweep.parse_args([str(a) for a in argv]))
+
+
+def direct_routed(model, ids, threshold, confidence):
+    """Reference: route every batch's logits (ee.route), then CE, shallow and compute by hand."""
+    ce, depth, L = [], [], model.config.n_layer
+    for x, y in ee.eval_windows(ids, model.config.block_size, 7):
+        logits, d, _ = ee.route(model.forward_all_layers(x), threshold, model.config.exits, confidence)
+        ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+        depth.append(d.flatten())
+    ce, depth = torch.cat(ce), torch.cat(depth)
+    return math.exp(ce.mean().item()), 100.0 * (depth < L).float().mean().item(), 100.0 * depth.float().mean().item() / L
+
+
+@pytest.mark.parametrize("confidence", sorted(ee.CONFIDENCE))
+def test_rows_equal_direct_routed_evaluation(ckpts, confidence, capsys):
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", THRESHOLDS, "--confidence", confidence, "--device", "cpu")
+    model, vocab = ee.model_from_checkpoint(ee.load_checkpoint(ckpts / "asym.pt"))
+    text, _ = ee.read_split(ckpts / "tiny.txt", "valid")  # the data recorded in the checkpoint
+    ids = vocab.encode(text[:1000])  # and its --val-chars
+    assert len(res["rows"]) == 6 and res["tokens"] == (len(ids) - 1) // 16 * 16
+    for r in res["rows"]:
+        ppl, shallow, compute = direct_routed(model, ids, r["threshold"], confidence)
+        assert r["ppl"] == pytest.approx(ppl, rel=1e-5)
+        assert r["shallow"] == pytest.approx(shallow) and r["compute"] == pytest.approx(compute)
+    out = capsys.readouterr().out
+    assert "| Threshold | PPL | Shallow exit | Compute |" in out and "| 1.0 |" in out and "baseline" in out
+    assert "best PPL" in out and "within +1% PPL" in out and "maximum efficiency" in out and "Compute (%)" in out
+
+
+def test_endpoints(ckpts):
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", "1,0", "--confidence", "softmax", "margin", "entropy")
+    for r in res["rows"]:
+        if r["threshold"] == 0:  # every token leaves at the exit after layer 1 of 3
+            assert r["shallow"] == 100.0 and r["compute"] == pytest.approx(100 / 3)
+        else:  # none does, even where float softmax rounds to 1.0
+            assert r["shallow"] == 0.0 and r["compute"] == 100.0
+            assert r["ppl"] == pytest.approx(res["full_depth_ppl"]) and r["delta_ppl"] == pytest.approx(0, abs=1e-9)
+
+
+def test_oracle_is_brute_force_best_and_beats_the_confidence_curve(ckpts):
+    """Every subset of 8 tokens sent deep: the oracle's CE is the lowest for each subset size."""
+    g = torch.Generator().manual_seed(0)
+    stats = {"ce": {1: torch.rand(8, generator=g) * 3, 3: torch.rand(8, generator=g) * 3}}
+    cfg = ee.GPTConfig(n_layer=3, exit_layer=1)
+    orc = sweep.oracle_ce(stats, cfg)
+    for n in range(9):
+        best = min((stats["ce"][1].sum() - sum(stats["ce"][1][i] - stats["ce"][3][i] for i in deep)).item() / 8
+                   for deep in itertools.combinations(range(8), n))
+        assert orc[n].item() == pytest.approx(best, rel=1e-6)
+    assert sweep.oracle_compute(0, 8, cfg) == pytest.approx(100 / 3) and sweep.oracle_compute(8, 8, cfg) == 100
+
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1",
+                    "--confidence", "softmax", "margin", "entropy")
+    for r in res["rows"]:  # at equal compute (the same number of deep tokens), never worse
+        assert r["oracle_ppl"] <= r["ppl"] * (1 + 1e-6)
+    assert res["oracle"][0]["compute"] == pytest.approx(100 / 3) and res["oracle"][-1]["compute"] == 100
+    assert res["oracle"][-1]["ppl"] == pytest.approx(res["full_depth_ppl"], rel=1e-6)
+
+
+def test_csv_and_json_round_trip(ckpts, tmp_path):
+    c, j = tmp_path / "s.csv", tmp_path / "s.json"
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", THRESHOLDS, "--csv", c, "--json", j)
+    with open(c, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(res["rows"])
+    for got, want in zip(rows, res["rows"]):
+        assert got["confidence"] == want["confidence"]
+        assert all(float(got[k]) == want[k] for k in want if k != "confidence")
+    data = json.loads(j.read_text())
+    assert data["rows"] == res["rows"] and data["checkpoint"] == str(ckpts / "asym.pt")
+    assert data["data"].endswith("tiny.txt [90%:]")
+    assert {"threshold", "ppl", "shallow", "compute"} <= set(data["rows"][0])
+
+
+def test_true_exit_beside_masked(ckpts, capsys):
+    """--mode both: at 0 (all exit) and 1 (none) true exit computes exactly what masked routing reads."""
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", "0,0.5,1", "--mode", "both")
+    for r in res["rows"]:
+        if r["threshold"] in (0, 1):
+            assert r["exit_ppl"] == pytest.approx(r["ppl"], rel=1e-5)
+    assert "True-exit PPL" in capsys.readouterr().out
+    exit_only = run_sweep(ckpts / "asym.pt", "--thresholds", "0.5", "--mode", "exit")["rows"][0]
+    assert exit_only["ppl"] == pytest.approx(res["rows"][1]["exit_ppl"])
+
+
+def test_plot_png_or_one_install_line(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # as if it were not installed
+    run_sweep(ckpts / "asym.pt", "--thresholds", "0,1", "--plot", tmp_path / "a.png")
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "a.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    run_sweep(ckpts / "asym.pt", "--thresholds", "0,1", "--plot", tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input(ckpts, tmp_path):
+    corrupt, foreign = tmp_path / "corrupt.pt", tmp_path / "foreign.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    torch.save({"model": {}}, foreign)
+    for path, match in ((tmp_path / "missing.pt", "no checkpoint at"), (corrupt, "not a readable checkpoint"),
+                        (foreign, "not an eemini checkpoint"), (ckpts / "final.pt", "--loss final: its exit head")):
+        assert match in cli_error(sweep.main, sweep.parse_args, [str(path)])
+    msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--data", str(tmp_path / "nope")])
+    assert "no data at" in msg
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--thresholds", "0,1.5"], "threshold 1.5 is outside [0, 1]"),
+    (["--thresholds", "-0.1"], "threshold -0.1 is outside [0, 1]"),
+    (["--thresholds", "a,b"], "--thresholds wants comma-separated numbers"),
+    (["--confidence", "logit"], "invalid choice"),
+])
+def test_bad_flags_give_one_line(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(["ckpt.pt", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and match in err and len(err.splitlines()) == 1
