@@ -210,32 +210,48 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, q_idx=None, cache=None):
-        """x: (B, T, C) normed states of T new tokens. q_idx: (B, Tq) the ones that ask a query
-        (None = all); every token writes its key and value, also one that has exited."""
+    def heads(self, t):  # (B, T, C) -> (B, nh, T, hs)
+        return t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
+
+    def write_kv(self, x, cache):
+        """K/V of every new token (an exited one too: later tokens attend to it), appended to the
+        cache; returns all keys and values so far, (B, nh, S, hs) each."""
+        C = x.size(-1)
+        w, b = self.c_attn.weight[C:], None if self.c_attn.bias is None else self.c_attn.bias[C:]
+        k, v = (self.heads(t) for t in F.linear(x, w, b).split(C, dim=2))
+        return cache.append(k, v, self.block_size) if cache is not None else (k, v)
+
+    def forward(self, x, cache=None, rows=None, q_idx=None):
+        """x: (B, T, C) normed states of T new tokens. Queries come from all of them, or with
+        rows (R,) and q_idx (R, Tq) from x[rows] gathered at q_idx (the tokens still going deep)."""
         B, T, C = x.size()
-        w, b = self.c_attn.weight, self.c_attn.bias
+        start = cache.length if cache is not None else 0
         if q_idx is None:
-            q, k, v = self.c_attn(x).split(C, dim=2)
-        else:  # true early exit: K/V for every token, Q only for the tokens still going deep
-            k, v = F.linear(x, w[C:], None if b is None else b[C:]).split(C, dim=2)
-            q = F.linear(gather_tokens(x, q_idx), w[:C], None if b is None else b[:C])
-        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
-        if q.size(2) == 0:
-            return x.new_zeros(B, 0, C)
+            q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=2))
+            if cache is not None:
+                k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
+            qpos = None if start == 0 else start + torch.arange(T, device=x.device).expand(B, T)
+            if T == 1 and start > 0:  # one new token sees every key: no mask to build
+                return self.resid_dropout(self.c_proj(self.attend(q, k, v, None, C)))
+        else:  # true early exit: K/V for every token, a query only for the deep ones
+            k, v = self.write_kv(x, cache)
+            k, v = k[rows], v[rows]
+            q = self.heads(F.linear(gather_tokens(x[rows], q_idx), self.c_attn.weight[:C],
+                                    None if self.c_attn.bias is None else self.c_attn.bias[:C]))
+            qpos = start + q_idx
+        if qpos is None:
+            return self.resid_dropout(self.c_proj(self.attend(q, k, v, "causal", C)))
+        # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
+        mask = torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)  # (R, Tq, S)
+        return self.resid_dropout(self.c_proj(self.attend(q, k, v, mask.unsqueeze(1), C)))
+
+    def attend(self, q, k, v, mask, C):  # mask: "causal", None (see all keys) or a bool mask
         drop = self.dropout if self.training else 0.0
-        if q_idx is None and start == 0:
+        if isinstance(mask, str):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-        else:  # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
-            qpos = start + (torch.arange(T, device=x.device).expand(B, T) if q_idx is None else q_idx)
-            mask = torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)  # (B, Tq, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=drop)
-        y = y.transpose(1, 2).reshape(B, -1, C)
-        return self.resid_dropout(self.c_proj(y))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return y.transpose(1, 2).reshape(q.size(0), -1, C)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -260,20 +276,26 @@ class Block(nn.Module):
     def forward(self, x, deep=None, cache=None):
         """deep: (B, T) bool, the tokens this layer updates (None = all). The others keep their
         state, frozen at the layer they exited, and only lend it as K/V (state propagation [3])."""
-        if deep is None:
-            x = x + self.attn(self.ln_1(x), cache=cache)
+        if deep is not None and not deep.any():  # all have exited: only K/V, for later tokens
+            self.attn.write_kv(self.ln_1(x), cache)
+            return x
+        if deep is None or deep.all():
+            x = x + self.attn(self.ln_1(x), cache)
             return x + self.mlp(self.ln_2(x))
-        B, T = deep.shape
-        n_deep = deep.sum(1)  # (B,)
-        # positions of the deep tokens first, in order, then padding: a stable sort on "exited?"
-        order = torch.argsort((~deep).long() * T + torch.arange(T, device=deep.device), dim=1)
-        q_idx = order[:, : int(n_deep.max())]  # (B, Tq)
-        x_deep = gather_tokens(x, q_idx)  # (B, Tq, C)
-        h = x_deep + self.attn(self.ln_1(x), q_idx, cache)
+        # the work that is left: rows with a deep token, and in each its deep positions, in order,
+        # then padding (a stable sort on "exited?"); the padding is computed but never written
+        n_deep = deep.sum(1)
+        rows = n_deep.nonzero().squeeze(1)  # (R,)
+        T = deep.size(1)
+        order = torch.argsort((~deep[rows]).long() * T + torch.arange(T, device=x.device), dim=1)
+        q_idx = order[:, : int(n_deep.max())]  # (R, Tq)
+        x_rows = x[rows]
+        x_deep = gather_tokens(x_rows, q_idx)  # (R, Tq, C)
+        h = x_deep + self.attn(self.ln_1(x), cache, rows, q_idx)
         h = h + self.mlp(self.ln_2(h))
-        real = torch.arange(q_idx.size(1), device=x.device) < n_deep.unsqueeze(1)  # not padding
+        real = torch.arange(q_idx.size(1), device=x.device) < n_deep[rows].unsqueeze(1)
         h = torch.where(real.unsqueeze(-1), h, x_deep)
-        return x.scatter(1, q_idx.unsqueeze(-1).expand_as(h), h)
+        return x.index_copy(0, rows, x_rows.scatter(1, q_idx.unsqueeze(-1).expand_as(h), h))
 
 
 @dataclass
@@ -388,27 +410,27 @@ class GPT(nn.Module):
         """True early exit [3]: a token whose confidence at an exit point reaches the threshold
         stops there; the deep layers skip its attention query and MLP and compute only its K/V,
         from its frozen state. With a cache (one KVCache a layer), idx continues the cached text.
+        threshold None runs the plain model without exit checks (the honest speed baseline).
         Returns logits (B, T, V), the layer each token left at (B, T), the confidence at the
-        first exit point (B, T)."""
+        first exit point (B, T; None without exit checks)."""
         cfg = self.config
         x = self.embed(idx, cache[0].length if cache else 0)
-        deep = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         depth = torch.full(idx.shape, cfg.n_layer, device=idx.device)
-        logits = x.new_zeros(*idx.shape, cfg.vocab_size)
-        first_conf = None
+        logits = first_conf = deep = None  # deep: tokens still in flight (None = all of them)
         for k, block in enumerate(self.transformer.h, 1):
-            x = block(x, None if k <= cfg.exits[0] else deep, cache[k - 1] if cache else None)
-            if k in cfg.exits:
-                exit_logits = self.head(k, x[deep])  # only the tokens still in flight
-                conf = x.new_zeros(idx.shape)
-                conf[deep] = CONFIDENCE[confidence](exit_logits)
+            x = block(x, deep, cache[k - 1] if cache else None)
+            if threshold is not None and k in cfg.exits and (deep is None or deep.any()):
+                exit_logits = self.head(k, x)
+                conf = CONFIDENCE[confidence](exit_logits)
+                leave = exit_mask(conf, threshold) if deep is None else deep & exit_mask(conf, threshold)
+                logits = exit_logits if logits is None else torch.where(leave.unsqueeze(-1), exit_logits, logits)
+                depth = depth.masked_fill(leave, k)
+                deep = ~leave if deep is None else deep & ~leave
                 first_conf = conf if first_conf is None else first_conf
-                leave = deep & exit_mask(conf, threshold)
-                logits[leave] = exit_logits[leave[deep]]
-                depth[leave] = k
-                deep = deep & ~leave
-        if deep.any():
-            logits[deep] = self.head(cfg.n_layer, x[deep])
+        if deep is None or deep.all():
+            logits = self.head(cfg.n_layer, x)
+        elif deep.any():  # the last head, for the deep tokens only
+            logits[deep] = self.head(cfg.n_layer, x[deep]).to(logits.dtype)
         return logits, depth, first_conf
 
     @torch.no_grad()

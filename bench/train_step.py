@@ -1,0 +1,82 @@
+"""
+Training step time of the early-exit model (exit head + final head, asym loss) against a plain
+GPT of the same size with one head, side by side in one run, beside the ratio of their FLOPs.
+The exit head is real extra work: with a character vocabulary it can cost a good part of a layer.
+
+    python bench/train_step.py                       # the quick-start model, on the CPU
+    python bench/train_step.py --n-embd 256 --n-layer 6 --block-size 256 --device cuda
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eemini as ee  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-layer", type=int, default=3, help="layers")
+    p.add_argument("--n-embd", type=int, default=64, help="width")
+    p.add_argument("--n-head", type=int, default=4, help="heads")
+    p.add_argument("--block-size", type=int, default=128, help="context")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    p.add_argument("--vocab-size", type=int, default=170, help="vocabulary (WikiText-2 train head: 170)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=7, help="rounds, alternating the two models")
+    p.add_argument("--device", default="", help="cuda, mps, cpu (empty = autodetect)")
+    return p.parse_args(argv)
+
+
+def time_steps(model, weights, x, y, opt, steps, device):
+    def step():
+        with ee.autocast(device):
+            _, loss, _ = model(x, y, weights)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up, not timed
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def main(args):
+    device = ee.pick_device(args.device)
+    cfg = ee.GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, exit_layer=1)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+    runs = {"early exit (asym)": ee.layer_weights("asym", cfg.n_layer, 1, 0.7),
+            "plain GPT (one head)": ee.layer_weights("final", cfg.n_layer, 1)}
+    models = {name: ee.GPT(cfg).to(device).train() for name in runs}
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    ms = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, weights in runs.items():
+            ms[name].append(time_steps(models[name], weights, x, y, opts[name], args.steps, device))
+    layer, head, _ = ee.flops_per_token(cfg)
+    flop_ratio = (cfg.n_layer * layer + 2 * head) / (cfg.n_layer * layer + head)
+    a, b = (statistics.median(v) for v in ms.values())
+    print(f"device {device} | {cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"batch {args.batch_size}x{cfg.block_size} | median of {args.rounds} rounds x {args.steps} steps")
+    for name, v in ms.items():
+        print(f"{name:22s} {statistics.median(v):8.2f} ms/step  (rounds: {' '.join(f'{t:.1f}' for t in v)})")
+    print(f"step-time ratio {a / b:.3f} | FLOP ratio {flop_ratio:.3f} | overhead beyond the maths "
+          f"{a / b / flop_ratio:.3f} (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main(parse_args())
