@@ -308,15 +308,16 @@ class GPTConfig:
     ffn_dim: int = 0  # MLP hidden width; 0 means 4 * n_embd
     dropout: float = 0.0
     bias: bool = False
-    exit_layer: int = 1  # the exit point: a token may leave after this layer (1 .. n_layer-1)
+    exit_layer: int = 1  # the exit point: a token may leave after this layer (1..n_layer-1); 0 = none
     # middle layers with a head of their own: the exit layer, plus any a loss supervises
     # (deepsup puts one on every layer). The last layer's head is ln_f + lm_head.
     head_layers: list = field(default_factory=list)
 
     def __post_init__(self):
-        self.head_layers = sorted(set(self.head_layers) | {self.exit_layer})
-        if not 1 <= self.exit_layer < self.n_layer:
-            raise EEminiError(f"exit layer {self.exit_layer} must be between 1 and n_layer-1 = {self.n_layer - 1}")
+        self.head_layers = sorted(set(self.head_layers) | set(self.exits))
+        if not 0 <= self.exit_layer < self.n_layer:
+            raise EEminiError(f"exit layer {self.exit_layer} must be between 1 and n_layer-1 = {self.n_layer - 1} "
+                              f"(or 0 for a plain model without an exit)")
         if self.n_embd % self.n_head:
             raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if not all(1 <= k < self.n_layer for k in self.head_layers):
@@ -325,7 +326,7 @@ class GPTConfig:
     @property
     def exits(self):
         """Exit points in depth order. One today; routing and accounting loop over this list."""
-        return [self.exit_layer]
+        return [self.exit_layer] if self.exit_layer else []
 
 
 class ExitHead(nn.Module):
@@ -499,14 +500,12 @@ def exit_mask(conf, threshold):
     return conf >= threshold
 
 
-def exit_depth(conf_by_exit, threshold, n_layer):
+def exit_depth(conf_by_exit, threshold, n_layer, shape):
     """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
-    the threshold, else n_layer. conf_by_exit: {exit layer: (…) confidence}."""
-    depth = None
+    the threshold, else n_layer. conf_by_exit: {exit layer: confidence of shape `shape`}."""
+    depth = torch.full(shape, n_layer, dtype=torch.long)
     for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
-        conf = conf_by_exit[k]
-        depth = torch.full_like(conf, n_layer, dtype=torch.long) if depth is None else depth
-        depth = torch.where(exit_mask(conf, threshold), k, depth)
+        depth = torch.where(exit_mask(conf_by_exit[k], threshold), k, depth.to(conf_by_exit[k].device))
     return depth
 
 
@@ -525,9 +524,9 @@ def route(logits_by_layer, threshold, exits, confidence="softmax"):
     conf at the first exit point; depth < n_layer marks the tokens that exited."""
     n_layer = max(logits_by_layer)
     confs = {k: CONFIDENCE[confidence](logits_by_layer[k]) for k in exits}
-    depth = exit_depth(confs, threshold, n_layer)
+    depth = exit_depth(confs, threshold, n_layer, logits_by_layer[n_layer].shape[:-1])
     picked = pick_by_depth({k: logits_by_layer[k] for k in [*exits, n_layer]}, depth)
-    return picked, depth, confs[exits[0]]
+    return picked, depth, confs[exits[0]] if exits else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +649,7 @@ def token_stats(model, data, batch_size=64, device="cpu"):
 
 def routed_metrics(stats, threshold, cfg, confidence="softmax"):
     """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
-    depth = exit_depth(stats["conf"][confidence], threshold, cfg.n_layer)
+    depth = exit_depth(stats["conf"][confidence], threshold, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
     ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
     return summarize(ce, depth, cfg, threshold)
 

@@ -42,7 +42,9 @@ def parse_args(argv=None):
     g.add_argument("--block-size", type=int, default=128, help="context length in characters")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout rate")
     g = p.add_argument_group("early exit")
-    g.add_argument("--exit-layer", type=int, default=1, help="tokens may exit after this layer (1..n_layer-1)")
+    g.add_argument("--exit-layer", type=int, default=1, help="tokens may exit after this layer (1..n_layer-1; "
+                   "0 = a plain GPT without an exit, e.g. seed 000's Standard 1L: --n-layer 1 --exit-layer 0 "
+                   "--loss final)")
     g.add_argument("--loss", default="asym", choices=sorted(ee.LOSSES), help="loss scheme (see README)")
     g.add_argument("--alpha", type=float, default=0.7, help="weight of the exit's CE in asym / asym_deepsup")
     g.add_argument("--layer-weights", default="", help="comma list, one weight a layer (e.g. 0,0.7,0,0.3); "
@@ -77,8 +79,11 @@ def check_args(p, args):
         p.error(f"--alpha {args.alpha} is outside [0, 1]")
     if not 0.0 <= args.threshold <= 1.0:
         p.error(f"--threshold {args.threshold} is outside [0, 1]")
-    if not 1 <= args.exit_layer < args.n_layer:
-        p.error(f"--exit-layer {args.exit_layer} must be between 1 and --n-layer - 1 = {args.n_layer - 1}")
+    if not 0 <= args.exit_layer < args.n_layer:
+        p.error(f"--exit-layer {args.exit_layer} must be between 1 and --n-layer - 1 = {args.n_layer - 1} "
+                f"(or 0 for a plain model)")
+    if args.exit_layer == 0 and args.loss in ("aux", "asym", "asym_deepsup") and not args.layer_weights:
+        p.error(f"--loss {args.loss} supervises an exit head: give --exit-layer >= 1")
     for name in ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "max_iters", "grad_accum",
                  "eval_interval", "log_interval", "train_chars", "val_chars", "eval_batch_size"):
         if getattr(args, name) < 1:
@@ -154,9 +159,11 @@ def print_tables(layers, rows, full, shallow, exit_row, cfg):
     L, k, tau = cfg.n_layer, cfg.exit_layer, exit_row["threshold"]
     print(f"\n## Results (validation, masked routing at threshold {tau})\n")
     print("| Model | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
-    for name, r in ((f"Early exit (threshold {tau})", exit_row), (f"Full depth ({L}L)", full),
-                    (f"Exit only ({k}L)", shallow)):
+    named = [(f"Early exit (threshold {tau})", exit_row), (f"Full depth ({L}L)", full), (f"Exit only ({k}L)", shallow)]
+    for name, r in named if k else named[1:2]:  # a plain model (no exit) has one row
         print(f"| {name} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
+    if not k:
+        return
     print("\n## Threshold Analysis\n")
     print("| Threshold | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
     for r in rows:
@@ -268,8 +275,9 @@ def main(args):
         *table, exit_row, full, shallow = rows
         print_tables(layers, table, full, shallow, exit_row, cfg)
         true_exit = ee.exit_metrics(raw_model, val, args.threshold, args.eval_batch_size, device)
-        log(f"true early exit at threshold {args.threshold}: PPL {true_exit['ppl']:.3f} "
-            f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
+        if cfg.exits:
+            log(f"true early exit at threshold {args.threshold}: PPL {true_exit['ppl']:.3f} "
+                f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
         metrics = {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
                    "exit_only": shallow, "thresholds": table, "true_exit": true_exit}
         save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val, metrics)

@@ -53,6 +53,16 @@ def test_wiki_folder_and_layer_weights(wiki_folder, tmp_path, capsys):
     assert "wiki.valid.raw" in capsys.readouterr().out
 
 
+def test_plain_one_layer_model(text_file, tmp_path, capsys):
+    """Seed 000's 'Standard 1L': one layer, no exit point, loss on the last layer only."""
+    out = tmp_path / "l1.pt"
+    model = run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN, "--n-layer", "1",
+                      "--exit-layer", "0", "--loss", "final")
+    printed = capsys.readouterr().out
+    assert "| Full depth (1L) |" in printed and "Exit only" not in printed and "Threshold Analysis" not in printed
+    assert model.config.exits == [] and list(model.exit_heads) == []
+
+
 def test_save_load_gives_identical_logits(tmp_path):
     model = make_model(head_layers=[2])
     vocab = ee.Vocab([chr(97 + i) for i in range(23)])
@@ -160,3 +170,28 @@ def test_wikitext_loads_raw_variant_and_counts_unknowns():
     assert len(train_ids) == 500_000 and len(val_ids) == 50_000
     assert (val_ids == 0).sum().item() == 11  # 11 validation characters never occur in train
     assert vocab.decode(train_ids[:30].tolist()).startswith(" \n = Valkyria Chronicles III")
+
+
+def test_grad_accum_matches_one_big_batch(text_file, tmp_path):
+    """8 sequences at once == 2 micro-batches of 4 (the generator draws the same windows)."""
+    base = ["--data", str(text_file), *TINY_TRAIN, "--max-iters", "3", "--eval-interval", "100"]
+    big = run_train(*base, "--out", str(tmp_path / "a.pt"), "--batch-size", "8")
+    acc = run_train(*base, "--out", str(tmp_path / "b.pt"), "--batch-size", "4", "--grad-accum", "2")
+    for k, v in big.state_dict().items():
+        assert torch.allclose(v, acc.state_dict()[k], atol=1e-5), k
+
+
+def test_sample_cli_colours_by_depth(text_file, tmp_path, capsys):
+    import sample
+
+    out = tmp_path / "ckpt.pt"
+    run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN)
+    capsys.readouterr()
+    argv = [str(out), "--prompt", "the ", "--max-new-tokens", "40", "--threshold", "0.0", "--color", "always"]
+    sample.main(sample.parse_args(argv))
+    printed = capsys.readouterr().out
+    assert printed.count(sample.SHALLOW) == 40 + 1  # threshold 0: every character exits (+ legend)
+    assert "exited at layer 1: 100.0%" in printed
+    sample.main(sample.parse_args([*argv[:-4], "--threshold", "1.0", "--color", "always"]))
+    printed = capsys.readouterr().out
+    assert sample.SHALLOW not in printed.split("-" * 60)[0] and "exited at layer 1: 0.0%" in printed
