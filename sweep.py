@@ -71,8 +71,11 @@ def parse_args(argv=None):
 
 
 def check_exit_trained(ckpt, path):
-    """A checkpoint trained without a loss on its exit head (--loss final) has nothing to sweep."""
+    """A plain model (--exit-layer 0), or one whose exit head got no loss (--loss final), has nothing to sweep."""
     a, cfg = ckpt.get("args") or {}, ckpt["config"]
+    if not cfg.get("exit_layer"):
+        raise ee.EEminiError(f"{path} is a plain model without an exit point (--exit-layer 0); there is "
+                             f"nothing to sweep; train with --exit-layer 1 or deeper")
     if a.get("loss") not in ee.LOSSES:
         return
     w = ee.layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5),
@@ -109,7 +112,8 @@ def masked_sweep(stats, cfg, thresholds, measures):
     for m in measures:
         for t in thresholds:
             r = {"confidence": m, **ee.routed_metrics(stats, t, cfg, m)}
-            n_deep = int((ee.exit_depth(stats["conf"][m], t, cfg.n_layer) == cfg.n_layer).sum())
+            depth = ee.exit_depth(stats["conf"][m], t, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
+            n_deep = int((depth == cfg.n_layer).sum())
             r["delta_ppl"] = 100.0 * (r["ppl"] / full - 1)
             r["oracle_ppl"] = math.exp(orc[n_deep].item())
             rows.append(r)

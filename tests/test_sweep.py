@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import eemini as ee
 import sweep
 import train
-from conftest import TINY_TRAIN, tiny_text
+from conftest import TINY_TRAIN, make_model, tiny_text
 from test_train import cli_error
 
 THRESHOLDS = "0,0.3,0.5,0.7,0.9,1"
@@ -44,8 +44,8 @@ def direct_routed(model, ids, threshold, confidence):
         logits, d, _ = ee.route(model.forward_all_layers(x), threshold, model.config.exits, confidence)
         ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
         depth.append(d.flatten())
-    ce, depth = torch.cat(ce), torch.cat(depth)
-    return math.exp(ce.mean().item()), 100.0 * (depth < L).float().mean().item(), 100.0 * depth.float().mean().item() / L
+    ce, depth = torch.cat(ce), torch.cat(depth).float()
+    return math.exp(ce.mean().item()), 100.0 * (depth < L).float().mean().item(), 100.0 * depth.mean().item() / L
 
 
 @pytest.mark.parametrize("confidence", sorted(ee.CONFIDENCE))
@@ -137,6 +137,9 @@ def test_bad_input(ckpts, tmp_path):
     for path, match in ((tmp_path / "missing.pt", "no checkpoint at"), (corrupt, "not a readable checkpoint"),
                         (foreign, "not an eemini checkpoint"), (ckpts / "final.pt", "--loss final: its exit head")):
         assert match in cli_error(sweep.main, sweep.parse_args, [str(path)])
+    plain = tmp_path / "plain.pt"
+    ee.save_checkpoint(plain, make_model(exit_layer=0), ee.Vocab([chr(97 + i) for i in range(23)]), args={})
+    assert "plain model without an exit point" in cli_error(sweep.main, sweep.parse_args, [str(plain)])
     msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--data", str(tmp_path / "nope")])
     assert "no data at" in msg
 
