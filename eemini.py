@@ -500,10 +500,11 @@ def exit_mask(conf, threshold):
     return conf >= threshold
 
 
-def exit_depth(conf_by_exit, threshold, n_layer, shape):
+def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
     """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
-    the threshold, else n_layer. conf_by_exit: {exit layer: confidence of shape `shape`}."""
-    depth = torch.full(shape, n_layer, dtype=torch.long)
+    the threshold, else n_layer. conf_by_exit: {exit layer: confidence}; shape is needed only
+    when there is no exit point."""
+    depth = torch.full(shape or next(iter(conf_by_exit.values())).shape, n_layer, dtype=torch.long)
     for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
         depth = torch.where(exit_mask(conf_by_exit[k], threshold), k, depth.to(conf_by_exit[k].device))
     return depth
