@@ -1,0 +1,483 @@
+"""
+Block-wise cascade with a learned exit classifier (seed 004), at character level.
+
+Block 0 (embedding, 2 layers, a head) learns the next character on all the training text; a small
+exit classifier learns from block 0's hidden state how sure block 0 is; tokens below the
+`--hard-ratio` quantile of that confidence are "hard" and train block 1, which reads block 0's
+hidden states. At evaluation a token leaves at block 0 when its confidence clears the threshold
+(true early exit); the rest go on. Every PPL printed is on the same held-out validation text.
+
+Tiny CPU run (about 20 seconds on 2 cores):
+    python exit_classifier.py --data ../shared/data/wikitext-2 --num-samples 600 --max-epochs 2 --val-chars 5000
+Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
+hard tokens (a few minutes each on 2 CPU cores):
+    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack
+    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace
+Bigger, on a GPU:
+    python exit_classifier.py --compare --block-layers 4,4 --n-embd 256 --ffn-dim 1024 --num-samples 30000
+
+--hard-context repack (seed 004): the hard tokens' block-0 states are concatenated in text order and
+cut into new --seq-len sequences, so block 1 sees only earlier *hard* tokens as context. At
+evaluation the held-out hard tokens are repacked the same way (consistent with training; easy
+tokens skip block 1 entirely, not even K/V). --hard-context inplace: block 1 runs on each whole
+sequence, only hard tokens are updated and scored, exited tokens lend their frozen block-0 state as
+K/V (eemini's true early exit). Each run also evaluates with the *other* context (the mismatch that
+seed 004's hypothesis 2 is about) and prints it as its own row.
+
+[1] Teerapittayanon et al. 2016, BranchyNet. arXiv:1709.01686  [2] Schuster et al. 2022, CALM
+(state propagation, learned confidence). arXiv:2207.07061  [3] Wang et al. 2017, IDK cascades. arXiv:1706.00885
+"""
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import eemini as ee
+from train import fmt_time
+
+METHODS = {"A": ("classifier", "distill"), "B": ("classifier", "loss"), "C": ("softmax", None)}
+NAMES = {"A": "distill", "B": "loss", "C": "softmax"}
+SEED004 = {"Final PPL": ("1095.46", "1071.76", "1219.52"), "Accuracy": ("16.82%", "16.81%", "16.78%"),
+           "Shallow ratio": ("50.7%", "49.3%", "72.8%"), "Compute savings (layers)": ("25.3%", "24.6%", "36.4%"),
+           "Block 0 val_ppl": ("564.95",) * 3, "Block 1 val_ppl": ("522.28", "445.48", "736.13"),
+           "Threshold (Block 0)": ("0.1738", "0.0481", "0.1492"), "avg_label (Block 0)": ("0.184", "0.074", "-")}
+
+
+def parse_args(argv=None):
+    p = ee.Parser(description=__doc__.split("\n\n")[0], formatter_class=ee.argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="", help="WikiText folder or one text file (empty = download WikiText-2 once)")
+    g.add_argument("--num-samples", type=int, default=10_000, help="training sequences of --seq-len characters")
+    g.add_argument("--val-chars", type=int, default=50_000, help="held-out characters (valid split) for every PPL")
+    g = p.add_argument_group("model")
+    g.add_argument("--block-layers", default="2,2", help="layers per block, comma list (at least two blocks)")
+    g.add_argument("--n-embd", type=int, default=64, help="width of the hidden state (seed: dim)")
+    g.add_argument("--n-head", type=int, default=4, help="attention heads")
+    g.add_argument("--ffn-dim", type=int, default=256, help="MLP hidden width")
+    g.add_argument("--seq-len", type=int, default=32, help="characters per sequence (the context)")
+    g = p.add_argument_group("early exit")
+    g.add_argument("--confidence", default="classifier", choices=["classifier", "softmax"],
+                   help="learned exit classifier, or block 0's max softmax with no classifier")
+    g.add_argument("--exit-label", default="distill", choices=["distill", "loss"],
+                   help="classifier target: max softmax of the block (distill) or exp(-CE) (loss)")
+    g.add_argument("--exit-classifier-mode", default="post", choices=["post", "joint"],
+                   help="train the classifier after its block is frozen, or alongside it on detached states")
+    g.add_argument("--exit-hidden", type=int, default=64, help="classifier MLP width (0 = linear)")
+    g.add_argument("--exit-epochs", type=int, default=10, help="classifier epochs in post mode")
+    g.add_argument("--hard-ratio", type=float, default=0.5, help="fraction of training tokens below the threshold")
+    g.add_argument("--hard-context", default="repack", choices=["repack", "inplace"],
+                   help="how block 1 sees its hard tokens: repacked into new sequences, or in their own text")
+    g.add_argument("--compare", action="store_true", help="run A (distill), B (loss), C (softmax) on one block 0")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=64, help="sequences per step")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--max-epochs", type=int, default=50, help="epochs at most per block")
+    g.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val PPL")
+    g.add_argument("--val-ratio", type=float, default=0.2, help="share of the samples held out for early stopping")
+    g.add_argument("--seed", type=int, default=1337, help="random seed")
+    g = p.add_argument_group("eval / io")
+    g.add_argument("--out", default="exit_classifier.pt", help="checkpoint to write")
+    g.add_argument("--device", default="", help="cuda, mps, cpu ... (empty = autodetect)")
+    args = p.parse_args(argv)
+    try:
+        args.block_layers = [int(n) for n in args.block_layers.split(",")]
+    except ValueError:
+        p.error(f"--block-layers wants comma-separated layer counts such as 2,2, got '{args.block_layers}'")
+    if len(args.block_layers) < 2 or min(args.block_layers) < 1:
+        p.error(f"--block-layers needs at least two blocks of at least one layer, got {args.block_layers}")
+    if not 0.0 < args.hard_ratio < 1.0:
+        p.error(f"--hard-ratio {args.hard_ratio} is outside (0, 1)")
+    if not 0.0 < args.val_ratio < 1.0:
+        p.error(f"--val-ratio {args.val_ratio} is outside (0, 1)")
+    for name in ("num_samples", "val_chars", "n_embd", "n_head", "seq_len", "batch_size", "max_epochs",
+                 "patience", "exit_epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# model: blocks of eemini layers, each with its own head; an exit classifier on a block's state
+
+
+class CascadeBlock(nn.Module):
+    """A few transformer layers and a head. Block 0 embeds characters; a later block reads the
+    previous block's hidden states (seed 004) and updates only the tokens still in flight."""
+
+    def __init__(self, cfg, n_layer, embed=False):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd) if embed else None
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed else None
+        self.h = nn.ModuleList([ee.Block(cfg) for _ in range(n_layer)])
+        self.head = ee.ExitHead(cfg)
+        self.apply(lambda m: ee.GPT._init_weights(self, m))
+
+    def forward(self, x, live=None):  # x: (B, T) ids or (B, T, C) states; live: (B, T) bool or None = all
+        if self.wte is not None:
+            x = self.wte(x) + self.wpe(torch.arange(x.size(1), device=x.device))  # (B, T, C)
+        for layer in self.h:  # a token not live keeps its state and only lends it as K/V [2]
+            x = layer(x, live)
+        return x, self.head(x)  # (B, T, C), (B, T, V)
+
+
+class ExitClassifier(nn.Module):
+    """Confidence in (0, 1) from a block's hidden state: sigmoid of a small MLP (linear if hidden=0)."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        mlp = [nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1)] if hidden else [nn.Linear(n_embd, 1)]
+        self.net = nn.Sequential(nn.LayerNorm(n_embd), *mlp)
+
+    def forward(self, h):  # (..., C) -> (...)
+        return torch.sigmoid(self.net(h).squeeze(-1))
+
+
+def label_distill(ce, pmax):
+    """Seed 004 'distill': the block's max softmax, its own confidence, right or wrong."""
+    return pmax
+
+
+def label_loss(ce, pmax):
+    """Seed 004 'loss': exp(-CE), the probability the block gave the right character."""
+    return torch.exp(-ce)
+
+
+LABELS = {"distill": label_distill, "loss": label_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens: the sequences a block reads, and how the hard ones reach the next block
+
+
+@dataclass
+class Tokens:
+    x: torch.Tensor  # (S, T) character ids for block 0, (S, T, C) the previous block's states after it
+    y: torch.Tensor  # (S, T) next-character targets
+    live: torch.Tensor  # (S, T) bool: still in flight (not exited, not padding): updated and scored
+    pos: torch.Tensor  # (S, T) each token's index in the original text, -1 for padding
+
+    def take(self, i):
+        return Tokens(self.x[i], self.y[i], self.live[i], self.pos[i])
+
+
+def windows(ids, seq_len):
+    """Non-overlapping windows of ids: inputs, next-character targets, all live."""
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ee.EEminiError(f"the text ({len(ids)} chars) is shorter than one sequence of {seq_len + 1}")
+    x, y = ids[: n * seq_len].view(n, seq_len), ids[1 : n * seq_len + 1].view(n, seq_len)
+    return Tokens(x, y, torch.ones_like(x, dtype=torch.bool), torch.arange(n * seq_len).view(n, seq_len))
+
+
+def repack(tok, seq_len):
+    """Seed 004's repacking: the live tokens, in text order, cut into new seq_len sequences. Each
+    keeps its state and target but loses its context; the last sequence is padded (pos -1)."""
+    keep = tok.live.flatten()
+    x, y, pos = tok.x.flatten(0, 1)[keep], tok.y.flatten()[keep], tok.pos.flatten()[keep]
+    pad = -len(y) % seq_len
+    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]).view(-1, seq_len, *x.shape[1:])
+    y, pos = (torch.cat([t, t.new_full((pad,), -1)]).view(-1, seq_len) for t in (y, pos))
+    return Tokens(x, y, pos >= 0, pos)
+
+
+def advance(tok, states, hard, context):
+    """The tokens the next block reads: the hard ones, in their own text or repacked."""
+    nxt = Tokens(states, tok.y, tok.live & hard, tok.pos)
+    return repack(nxt, tok.y.size(1)) if context == "repack" else nxt
+
+
+@torch.no_grad()
+def block_outputs(block, tok, batch_size, device):
+    """A frozen block over tok: its states (S, T, C) and, per token, CE, correct?, max softmax."""
+    block.eval()
+    out = {"h": [], "ce": [], "correct": [], "pmax": []}
+    for i in range(0, len(tok.y), batch_size):
+        b = tok.take(slice(i, i + batch_size))
+        live = None if b.live.all() else b.live.to(device)
+        with ee.autocast(device):
+            h, logits = block(b.x.to(device), live)
+        logits, y = logits.float(), b.y.to(device)
+        out["h"].append(h.float().cpu())
+        out["ce"].append(F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none").cpu())
+        out["correct"].append((logits.argmax(-1) == y).cpu())
+        out["pmax"].append(ee.conf_softmax(logits).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def val_ppl(block, tok, args, device):
+    """PPL of block on the live tokens of tok."""
+    return math.exp(block_outputs(block, tok, args.batch_size, device)["ce"][tok.live].mean().item())
+
+
+def confidence(method, clf, out):
+    """Per-token confidence: the exit classifier's on the block's state, or the block's max softmax."""
+    if METHODS[method][0] == "softmax":
+        return out["pmax"]
+    with torch.no_grad():
+        return torch.cat([clf(h) for h in out["h"].split(4096)])
+
+
+def hard_threshold(conf, hard_ratio):
+    """The hard_ratio quantile: the round(hard_ratio*N) least confident tokens fall below it (hard)."""
+    k = min(round(hard_ratio * len(conf)), len(conf) - 1)
+    return conf.sort().values[k].item()
+
+
+# ----------------------------------------------------------------------------------------------
+# training: each block with early stopping on val PPL, then (post mode) its exit classifier
+
+
+def fit(name, block, train, val, args, device, clfs=None):
+    """Train block on train's live tokens until val PPL has not improved for `patience` epochs;
+    restore the best weights. clfs {label: classifier}: trained alongside (joint mode) on the
+    block's detached states, so they never change the block. Returns the best val PPL."""
+    clfs = clfs or {}
+    params = [*block.parameters(), *(p for c in clfs.values() for p in c.parameters())]
+    opt, gen = torch.optim.AdamW(params, lr=args.lr), torch.Generator().manual_seed(args.seed)
+    best, best_state, bad, t0 = float("inf"), None, 0, time.time()
+    for epoch in range(1, args.max_epochs + 1):
+        block.train()
+        perm, tot, n = torch.randperm(len(train.y), generator=gen), {}, 0
+        for i in range(0, len(perm), args.batch_size):
+            b = train.take(perm[i : i + args.batch_size])
+            if not b.live.any():
+                continue
+            x, y, live = b.x.to(device), b.y.to(device), b.live.to(device)
+            with ee.autocast(device):
+                h, logits = block(x, None if b.live.all() else live)
+            ce = F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")
+            losses = {"ce": ce[live].mean()}
+            for label, clf in clfs.items():  # joint mode: regress the label from detached states
+                target = LABELS[label](ce.detach(), ee.conf_softmax(logits.detach()))[live]
+                losses[label] = F.mse_loss(clf(h.detach().float())[live], target)
+            sum(losses.values()).backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tot, n = {k: tot.get(k, 0.0) + v.item() for k, v in losses.items()}, n + 1
+        ppl = val_ppl(block, val, args, device)
+        if ppl < best:
+            best, bad = ppl, 0
+            best_state = copy.deepcopy([block.state_dict(), *(c.state_dict() for c in clfs.values())])
+        else:
+            bad += 1
+        dt = time.time() - t0
+        extra = "".join(f" | exit mse ({k}) {tot[k] / n:.4f}" for k in clfs)
+        print(f"{name} | epoch {epoch:3d}/{args.max_epochs} | train ce {tot['ce'] / n:.4f} | val ppl {ppl:8.3f} "
+              f"| best {best:8.3f} | {1000 * dt / epoch:6.0f} ms/epoch | ETA <= {fmt_time(dt / epoch * (args.max_epochs - epoch))}{extra}")
+        if bad >= args.patience:
+            print(f"{name} | early stop: no better val PPL for {args.patience} epochs")
+            break
+    for module, state in zip([block, *clfs.values()], best_state):
+        module.load_state_dict(state)
+    block.requires_grad_(False)  # frozen from here on, head included
+    return best
+
+
+def fit_classifier(name, clf, states, labels, args, device):
+    """Post mode: regress labels (N,) from frozen states (N, C) with MSE; log loss and avg label."""
+    opt, gen = torch.optim.AdamW(clf.parameters(), lr=args.lr), torch.Generator().manual_seed(args.seed)
+    step = args.batch_size * args.seq_len  # tokens per step
+    for epoch in range(1, args.exit_epochs + 1):
+        perm, tot, n = torch.randperm(len(labels), generator=gen), 0.0, 0
+        for i in range(0, len(perm), step):
+            j = perm[i : i + step]
+            loss = F.mse_loss(clf(states[j].to(device)), labels[j].to(device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tot, n = tot + loss.item(), n + 1
+        print(f"{name} | exit epoch {epoch:2d}/{args.exit_epochs} | loss {tot / n:.4f} | avg_label {labels.mean():.3f}")
+    clf.requires_grad_(False)
+
+
+def train_cascade(method, block0, clf0, train, val, cfg, args, device):
+    """The blocks after block 0 and a router (classifier, threshold) per non-last block, for one
+    confidence method. Returns (blocks, routers, info)."""
+    blocks, routers, info, last = [block0], [], {"es_ppl": []}, len(args.block_layers) - 1
+    learned, label = METHODS[method][0] == "classifier", METHODS[method][1]
+    for i, n_layer in enumerate(args.block_layers):
+        clf = clf0 if i == 0 and clf0 is not None else None
+        if clf is None and learned and i < last:
+            clf = ExitClassifier(cfg.n_embd, args.exit_hidden).to(device)
+        if i > 0:
+            joint = {label: clf} if clf is not None and args.exit_classifier_mode == "joint" else {}
+            blocks.append(CascadeBlock(cfg, n_layer).to(device))
+            info["es_ppl"].append(fit(f"{NAMES[method]} block {i}", blocks[i], train, val, args, device, joint))
+        if i == last:
+            break
+        out_tr, out_va = (block_outputs(blocks[i], t, args.batch_size, device) for t in (train, val))
+        if learned:
+            labels = LABELS[label](out_tr["ce"], out_tr["pmax"])[train.live]
+            info.setdefault("avg_label", []).append(labels.mean().item())
+            if args.exit_classifier_mode == "post":
+                fit_classifier(f"{NAMES[method]} block {i}", clf, out_tr["h"][train.live], labels, args, device)
+        conf_tr, conf_va = confidence(method, clf, out_tr), confidence(method, clf, out_va)
+        thr = hard_threshold(conf_tr[train.live], args.hard_ratio)
+        routers.append((clf, thr))
+        train = advance(train, out_tr["h"], ~ee.exit_mask(conf_tr, thr), args.hard_context)
+        val = advance(val, out_va["h"], ~ee.exit_mask(conf_va, thr), args.hard_context)
+        if not (train.live.any() and val.live.any()):
+            raise ee.EEminiError(f"no hard tokens reach block {i + 1}; use more --num-samples or --hard-ratio")
+        print(f"{NAMES[method]} block {i} | threshold {thr:.4f} | {train.live.sum().item():,} hard training tokens "
+              f"-> block {i + 1} ({args.hard_context})")
+    return blocks, routers, info
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: true early exit over the held-out text
+
+
+@torch.no_grad()
+def cascade_eval(method, blocks, routers, tok, context, args, device):
+    """Each held-out token leaves at the first block whose confidence clears that block's threshold
+    (the last block takes the rest). Exited tokens never change again; with `repack` the hard ones
+    reach the next block repacked (context: earlier hard tokens only), with `inplace` in their own
+    text (context: every earlier token, exited ones as frozen K/V). Per token, in text order:
+    CE and correct? where it left, the block it left at, block 0's CE; and who reached each block."""
+    n = int((tok.pos >= 0).sum())
+    ce, ce0 = torch.zeros(n), torch.zeros(n)
+    correct, exit_at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    reached, block_ce = [], []
+    for i, block in enumerate(blocks):
+        out = block_outputs(block, tok, args.batch_size, device)
+        reached.append(tok.pos[tok.live])
+        block_ce.append(out["ce"][tok.live])
+        if i == 0:
+            ce0[tok.pos[tok.live]] = out["ce"][tok.live]
+        leave = tok.live.clone()
+        if i < len(routers):
+            leave &= ee.exit_mask(confidence(method, routers[i][0], out), routers[i][1])
+        p = tok.pos[leave]
+        ce[p], correct[p], exit_at[p] = out["ce"][leave], out["correct"][leave], i
+        tok = advance(tok, out["h"], ~leave, context)
+    return {"ce": ce, "ce0": ce0, "correct": correct, "exit_at": exit_at, "reached": reached,
+            "block_ce": block_ce}
+
+
+def report(r, cfg, args):
+    """The seed's figures from cascade_eval: PPLs, accuracy, shallow ratio, compute savings."""
+    L, bl = sum(args.block_layers), torch.tensor(args.block_layers)
+    layers_run = bl.cumsum(0)[r["exit_at"]].double()
+    layer, head, kv = ee.flops_per_token(cfg)  # FLOP view: heads + classifier-free; K/V of exited tokens in place
+    kv_paid = (L - layers_run) * kv if args.hard_context == "inplace" else 0.0
+    flops = layers_run * layer + (r["exit_at"] + 1).double() * head + kv_paid
+    ppl = lambda ce: math.exp(ce.mean().item()) if len(ce) else float("nan")  # noqa: E731
+    return {"final_ppl": ppl(r["ce"]), "accuracy": 100 * r["correct"].float().mean().item(),
+            "shallow": 100 * (r["exit_at"] < len(bl) - 1).float().mean().item(),
+            "saved": 100 * (1 - layers_run.mean().item() / L),
+            "flops_saved": 100 * (1 - flops.mean().item() / (L * layer + head)),
+            "block0_ppl": ppl(r["ce0"]), "block_ppl": [ppl(c) for c in r["block_ce"]],
+            "block0_on_hard": [ppl(r["ce0"][p]) for p in r["reached"][1:]]}
+
+
+def table_rows(r, args):
+    """{row name: cell} of seed 004's two tables for one method's results."""
+    other = "inplace" if args.hard_context == "repack" else "repack"
+    final = {"Final PPL": f"{r['final_ppl']:.3f}", "Accuracy": f"{r['accuracy']:.2f}%",
+             "Shallow ratio": f"{r['shallow']:.1f}%", "Compute savings (layers)": f"{r['saved']:.1f}%",
+             "FLOP savings": f"{r['flops_saved']:.1f}%",
+             f"Final PPL, {other} context at eval (mismatch)": f"{r['mismatch_ppl']:.3f}"}
+    training = {"Block 0 val_ppl": f"{r['block0_ppl']:.3f}"}
+    for i in range(1, len(args.block_layers)):
+        training[f"Block {i} val_ppl"] = f"{r['block_ppl'][i]:.3f}"
+        training[f"Block 0 on block {i}'s tokens"] = f"{r['block0_on_hard'][i - 1]:.3f}"
+    for i, ppl in enumerate(r["es_ppl"]):
+        training[f"Block {i} early-stop val_ppl (train split)"] = f"{ppl:.3f}"
+    for i, thr in enumerate(r["thresholds"]):
+        training[f"Threshold (Block {i})"] = f"{thr:.4f}"
+        training[f"avg_label (Block {i})"] = f"{r['avg_label'][i]:.3f}" if "avg_label" in r else "-"
+    return final, training
+
+
+def print_tables(results, methods, args):
+    """Seed 004's two tables, this run's columns beside the seed's figures."""
+    cells = {m: table_rows(results[m], args) for m in methods}
+    for t, title in enumerate(("Final evaluation (true early exit, held-out text)",
+                               "Training (every val_ppl on the held-out text unless marked)")):
+        print(f"\n## {title}, --hard-context {args.hard_context}\n")
+        print(f"| Metric | {' | '.join(NAMES[m] for m in methods)} | {' | '.join('seed ' + NAMES[m] for m in methods)} |")
+        print("|---" * (1 + 2 * len(methods)) + "|")
+        for name in cells[methods[0]][t]:
+            seed = [SEED004[name][list(METHODS).index(m)] if name in SEED004 else "" for m in methods]
+            print(f"| {name} | {' | '.join(cells[m][t][name] for m in methods)} | {' | '.join(seed)} |")
+
+
+KIND = "eemini-exit-classifier"
+
+
+def load_cascades(path, device="cpu"):
+    """{method: (blocks, routers)} and the vocab from a checkpoint this script wrote."""
+    ckpt = ee.load_checkpoint(path, device)
+    if ckpt.get("kind") != KIND:
+        raise ee.EEminiError(f"{path} was not written by exit_classifier.py")
+    cfg, out = ee.GPTConfig(**ckpt["config"]), {}
+    for m in ckpt["methods"]:
+        bl, thr = ckpt["block_layers"], ckpt["thresholds"][m]
+        blocks = [CascadeBlock(cfg, n, embed=i == 0) for i, n in enumerate(bl)]
+        clfs = {i: ExitClassifier(cfg.n_embd, ckpt["args"]["exit_hidden"]) for i in range(len(thr))
+                if METHODS[m][0] == "classifier"}
+        state = {k[len(m) + 1 :]: v for k, v in ckpt["model"].items() if k.startswith(m + ".")}
+        nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
+            {str(i): c for i, c in clfs.items()})}).load_state_dict(state)
+        out[m] = ([b.to(device).eval() for b in blocks], [(clfs.get(i), t) for i, t in enumerate(thr)])
+    return out, ee.Vocab(ckpt["vocab"])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    device, t0 = ee.pick_device(args.device), time.time()
+    torch.manual_seed(args.seed)
+    vocab, train_ids, held_ids = ee.load_data(args.data, args.num_samples * args.seq_len + 1, args.val_chars)
+    samples, held = windows(train_ids, args.seq_len), windows(held_ids, args.seq_len)
+    n_val = int(len(samples.y) * args.val_ratio)
+    if not 0 < n_val < len(samples.y):
+        raise ee.EEminiError(f"{len(samples.y)} training sequences cannot be split by --val-ratio {args.val_ratio}; "
+                             f"use more --num-samples")
+    perm = torch.randperm(len(samples.y), generator=torch.Generator().manual_seed(args.seed))
+    val, train = samples.take(perm[:n_val]), samples.take(perm[n_val:])
+    bl = args.block_layers
+    cfg = ee.GPTConfig(vocab_size=len(vocab), block_size=args.seq_len, n_layer=sum(bl), n_head=args.n_head,
+                       n_embd=args.n_embd, ffn_dim=args.ffn_dim, exit_layer=bl[0])
+    methods = list(METHODS) if args.compare else \
+        [m for m, (c, label) in METHODS.items() if c == args.confidence and label in (args.exit_label, None)]
+    block0 = CascadeBlock(cfg, bl[0], embed=True).to(device)
+    joint = {METHODS[m][1]: ExitClassifier(cfg.n_embd, args.exit_hidden).to(device) for m in methods
+             if METHODS[m][0] == "classifier"} if args.exit_classifier_mode == "joint" else {}
+    print(f"device {device} | {len(train.y):,} train / {len(val.y):,} early-stop / {len(held.y):,} held-out sequences "
+          f"of {args.seq_len} | blocks {bl} | block 0 {sum(p.numel() for p in block0.parameters()):,} params | "
+          f"methods {', '.join(NAMES[m] for m in methods)} | classifier {args.exit_classifier_mode} | {args.hard_context}")
+    es0 = fit("block 0", block0, train, val, args, device, joint)
+    results, saved = {}, nn.ModuleDict()
+    for m in methods:
+        torch.manual_seed(args.seed + 1)  # every method's later blocks start from the same weights
+        blocks, routers, info = train_cascade(m, block0, joint.get(METHODS[m][1]), train, val, cfg, args, device)
+        results[m] = r = report(cascade_eval(m, blocks, routers, held, args.hard_context, args, device), cfg, args)
+        other = "inplace" if args.hard_context == "repack" else "repack"
+        r["mismatch_ppl"] = report(cascade_eval(m, blocks, routers, held, other, args, device), cfg, args)["final_ppl"]
+        r.update(info, es_ppl=[es0, *info["es_ppl"]], thresholds=[t for _, t in routers])
+        print(f"{NAMES[m]} | final PPL {r['final_ppl']:.3f} (block 0 alone {r['block0_ppl']:.3f}) | accuracy "
+              f"{r['accuracy']:.2f}% | shallow {r['shallow']:.1f}% | saved {r['saved']:.1f}% layers, {r['flops_saved']:.1f}% FLOPs")
+        saved[m] = nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
+            {str(i): c for i, (c, _) in enumerate(routers) if c is not None})})
+    print_tables(results, methods, args)
+    saved.config = cfg
+    ee.save_checkpoint(args.out, saved, vocab, kind=KIND, block_layers=bl, methods=methods, args=vars(args),
+                       thresholds={m: results[m]["thresholds"] for m in methods}, metrics=results)
+    print(f"\ndone in {fmt_time(time.time() - t0)} | saved {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    ee.run_cli(main, parse_args)
