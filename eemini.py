@@ -43,7 +43,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, parse_args):
-    """Run a script's main(); a problem the user can fix ends in one `error:` line, exit code 2."""
+    """Run a script's main(); a problem the user can fix ends in one `error:` line, exit code 1."""
     try:
         return main(parse_args())
     except EEminiError as e:
@@ -171,12 +171,14 @@ class KVCache:
     """Keys and values of one layer, preallocated to the context; appendable and truncatable.
 
     truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
-    verifies, and the rejected drafts' entries are cut back.
+    verifies, and the rejected drafts' entries are cut back. `pending` holds the frozen states of
+    exited tokens whose K/V this layer has not written yet: computing it lazily, for a run of easy
+    tokens at once when the next deep token arrives, gives the same numbers with far fewer steps.
     """
 
     def __init__(self):
-        self.k = self.v = None
-        self.length = 0
+        self.k = self.v = self.pending = None
+        self.length = 0  # tokens whose K/V is written (pending ones come after them)
 
     def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
         if self.k is None:
@@ -189,7 +191,13 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
+        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
+
     def truncate(self, length):
+        if self.pending is not None:
+            keep = length - self.length
+            self.pending = self.pending[:, :keep] if keep > 0 else None
         self.length = min(self.length, length)
 
 
@@ -276,9 +284,13 @@ class Block(nn.Module):
     def forward(self, x, deep=None, cache=None):
         """deep: (B, T) bool, the tokens this layer updates (None = all). The others keep their
         state, frozen at the layer they exited, and only lend it as K/V (state propagation [3])."""
-        if deep is not None and not deep.any():  # all have exited: only K/V, for later tokens
-            self.attn.write_kv(self.ln_1(x), cache)
+        if deep is not None and not deep.any():  # all have exited: their K/V, for later tokens,
+            if cache is not None:                # is written when the next deep token needs it
+                cache.defer(x)
             return x
+        if cache is not None and cache.pending is not None:
+            self.attn.write_kv(self.ln_1(cache.pending), cache)
+            cache.pending = None
         if deep is None or deep.all():
             x = x + self.attn(self.ln_1(x), cache)
             return x + self.mlp(self.ln_2(x))
@@ -657,7 +669,7 @@ def routed_metrics(stats, threshold, cfg, confidence="softmax"):
 
 def summarize(ce, depth, cfg, threshold):
     """One row of a results table from per-token CE and exit depth."""
-    return {"threshold": threshold, "ppl": math.exp(ce.mean().item()),
+    return {"threshold": threshold, "ppl": math.exp(ce.double().mean().item()),
             "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
             "compute": compute_percent(depth, cfg.n_layer), "flops": flops_percent(depth, cfg)}
 

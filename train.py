@@ -16,6 +16,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,8 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.data:  # recorded in the checkpoint: sweep.py finds it again from any directory
+        args.data = str(Path(args.data).resolve())
     if args.layer_weights:
         try:
             args.layer_weights = [float(w) for w in args.layer_weights.split(",")]

@@ -211,6 +211,34 @@ def test_batch_exit_equals_cached_token_by_token(where):
     assert torch.allclose(cached, batch, atol=1e-5)
 
 
+def test_lazy_kv_of_exited_tokens_matches_batch():
+    """Batch 1, token by token: a run of exited tokens only stashes its frozen states (pending),
+    written as K/V when the next deep token comes; truncating inside that run keeps it exact."""
+    model = make_model()
+    x = torch.randint(0, 23, (1, 16))
+    thr = mid_threshold(model, x)
+    batch, bdepth, _ = model.forward_exit(x, thr)
+    cache, outs, saw_pending = ee.new_cache(3), [], False
+    for t in range(16):
+        outs.append(model.forward_exit(x[:, t : t + 1], thr, cache=cache)[0])
+        saw_pending |= cache[2].pending is not None
+    assert saw_pending and torch.allclose(torch.cat(outs, 1), batch, atol=1e-5)
+    # everything exits at threshold 0, so the deep layers' K/V stays pending; truncate inside that
+    # run, then a deep tail (threshold 1) must see exactly the first 10 tokens
+    cache = ee.new_cache(3)
+    for t in range(16):
+        model.forward_exit(x[:, t : t + 1], 0.0, cache=cache)
+    for c in cache:
+        c.truncate(10)
+    assert cache[2].pending.size(1) == 10
+    tail = torch.randint(0, 23, (1, 6))
+    resumed = torch.cat([model.forward_exit(tail[:, t : t + 1], 1.0, cache=cache)[0] for t in range(6)], 1)
+    ref = ee.new_cache(3)
+    model.forward_exit(x[:, :10], 0.0, cache=ref)
+    want, _, _ = model.forward_exit(tail, 1.0, cache=ref)
+    assert torch.allclose(resumed, want, atol=1e-5)
+
+
 def test_cache_truncate_replays_identically():
     model = make_model()
     x = torch.randint(0, 23, (1, 12))
