@@ -1,0 +1,72 @@
+"""reproduce.py: mean ± std against a hand computation, a --quick run on tiny data, resuming.
+
+Run: python -m pytest tests/test_reproduce.py -q   (about 30 s on 2 CPU cores)
+"""
+
+import csv
+import json
+import math
+
+import pytest
+
+import exit_classifier
+import reproduce
+import train
+
+TINY = ["--quick", "--max-iters", "4", "--val-chars", "600", "--device", "cpu",
+        "--train-args", "--n-embd 16 --n-head 2 --block-size 16 --batch-size 8 --warmup-iters 2",
+        "--ec-args", "--num-samples 60 --seq-len 8 --n-embd 16 --n-head 2 --ffn-dim 32 --batch-size 16 "
+        "--max-epochs 1 --exit-epochs 1 --exit-hidden 8"]
+
+
+def test_aggregate_is_mean_and_sample_std():
+    # a: 1, 2, 6 -> mean 3, squared deviations 4 + 1 + 9 = 14, sample variance 14 / 2 = 7
+    # b: 10, 14 (missing in one seed) -> mean 12, sample variance (4 + 4) / 1 = 8
+    agg = reproduce.aggregate([{"a": 1.0, "b": 10.0}, {"a": 2.0}, {"a": 6.0, "b": 14.0}])
+    assert agg["a"] == pytest.approx((3.0, math.sqrt(7), 3))
+    assert agg["b"] == pytest.approx((12.0, math.sqrt(8), 2))
+    assert reproduce.aggregate([{"a": 5.0}])["a"] == (5.0, 0.0, 1)  # one seed: std 0, not NaN
+
+
+def test_flatten_cells_and_verdicts():
+    nested = {"loss": {"block_ppl": [3, 2.5], "name": "x", "flag": True}, "final_ppl": 7}
+    assert reproduce.flatten(nested) == {"loss/block_ppl/0": 3.0, "loss/block_ppl/1": 2.5, "final_ppl": 7.0}
+    assert reproduce.fmt((14.5, 0.25, 3), 14.51) == "14.50 ± 0.25 [14.51]"
+    assert reproduce.fmt((52.34, 1.0, 3), 52.3, 1, "%") == "52.3 ± 1.0% [52.3%]"
+    assert reproduce.fmt(None, 35.29) == "— [35.29]"
+    assert reproduce.below((1.0, 0.1, 3), (2.0, 0.1, 3)) == "supported"
+    assert reproduce.below((2.0, 0.1, 3), (1.0, 0.1, 3)) == "not supported"
+    assert reproduce.below((1.0, 0.5, 3), (1.2, 0.5, 3)).startswith("inconclusive")
+
+
+def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    argv = ["--data", str(wiki_folder), "--out-dir", str(out), *TINY]
+    records = reproduce.main(reproduce.parse_args(argv))
+    assert set(records) == {name for name, *_ in reproduce.RUNS}  # Standard 1L and seed 004 included
+    text = (out / "RESULTS.md").read_text()
+    for heading in ("## Headline", "## Seed 000", "## Seed 001", "## Seed 002", "## Seed 003", "## Seed 004",
+                    "## PPL against Compute", "## Key findings"):
+        assert heading in text, heading
+    for seed_figure in ("[23.98]", "[34.86]", "[35.29]", "[28.13]", "[14.04]", "[24.88]", "[32.07]", "[1071.76]"):
+        assert seed_figure in text, seed_figure
+    # a cell is the figure measured by that run (one seed: std 0), beside the seed's
+    aux = json.loads((out / "aux-seed0.json").read_text())["metrics"]
+    assert f"| Auxiliary Loss (Early Exit) | {aux['masked/0.95/ppl']:.2f} ± 0.00 [23.98] |" in text
+    assert f"| 0.50 | {aux['masked/0.5/ppl']:.2f} ± 0.00 [40.61] |" in text
+    rows = {(r["model"], r["key"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert float(rows["aux", "full/ppl"]["mean"]) == pytest.approx(aux["full/ppl"], rel=1e-5)
+    assert "seed004" in {m for m, _ in rows}
+
+    def trains_nothing(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train, "main", trains_nothing)
+    monkeypatch.setattr(exit_classifier, "main", trains_nothing)
+    capsys.readouterr()
+    (out / "aux-seed0.json").unlink()  # its checkpoint is finished: measured again, not retrained
+    reproduce.main(reproduce.parse_args(argv))
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == len(reproduce.RUNS) - 1
+    assert "] aux seed 0 |" in printed and "ETA" in printed
+    assert json.loads((out / "aux-seed0.json").read_text())["metrics"]["full/ppl"] == pytest.approx(aux["full/ppl"])
