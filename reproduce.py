@@ -142,8 +142,8 @@ def measure(path, args):
     return rec
 
 
-def run_train(argv, stem, args):
-    path = stem.with_suffix(".pt")
+def run_train(argv, stem, args):  # stem: <out-dir>/<name>-seed<k> (names hold dots: no with_suffix)
+    path = Path(f"{stem}.pt")
     full = [*argv, "--out", str(path), "--device", args.device]
     targs = parse_quietly(train.parse_args, full)
     if path.exists():
@@ -155,7 +155,7 @@ def run_train(argv, stem, args):
         else:
             targs = None  # finished: only measure it
     if targs is not None:
-        with open(stem.with_suffix(".log"), "a") as log, contextlib.redirect_stdout(log):
+        with open(Path(f"{stem}.log"), "a") as log, contextlib.redirect_stdout(log):
             train.main(targs)
     return measure(path, args)
 
@@ -165,7 +165,7 @@ def run_exit_classifier(argv, stem, args):
         raise Unavailable("exit_classifier.py is not in the project yet")
     import exit_classifier as ec
 
-    path = stem.with_suffix(".pt")
+    path = Path(f"{stem}.pt")
     eargs = parse_quietly(ec.parse_args, [*argv, "--out", str(path), "--device", args.device])
     results = None
     if path.exists():
@@ -174,7 +174,7 @@ def run_exit_classifier(argv, stem, args):
         if ckpt.get("kind") == ec.KIND and all(ckpt["args"].get(k) == v for k, v in vars(eargs).items() if k not in keep):
             results = ckpt["metrics"]
     if results is None:
-        with open(stem.with_suffix(".log"), "a") as log, contextlib.redirect_stdout(log):
+        with open(Path(f"{stem}.log"), "a") as log, contextlib.redirect_stdout(log):
             results = ec.main(eargs)
     return flatten({ec.NAMES[m]: r for m, r in results.items()})
 
@@ -224,7 +224,7 @@ def run_all(args):
         if done is None:
             start = time.time()
             try:
-                metrics = RUNNERS[kind](argv, side.with_suffix(""), args)
+                metrics = RUNNERS[kind](argv, out / f"{name}-seed{k}", args)
             except Unavailable as e:
                 missing[name], left = str(e), left - 1
                 print(f"{tag} | not run: {e}", flush=True)

@@ -44,6 +44,7 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     argv = ["--data", str(wiki_folder), "--out-dir", str(out), *TINY]
     records = reproduce.main(reproduce.parse_args(argv))
     assert set(records) == {name for name, *_ in reproduce.RUNS}  # Standard 1L and seed 004 included
+    assert {p.name for p in out.glob("*.pt")} == {f"{name}-seed0.pt" for name, *_ in reproduce.RUNS}
     text = (out / "RESULTS.md").read_text()
     for heading in ("## Headline", "## Seed 000", "## Seed 001", "## Seed 002", "## Seed 003", "## Seed 004",
                     "## PPL against Compute", "## Key findings"):
