@@ -52,6 +52,10 @@ def run_cli(main, parse_args):
         sys.exit("interrupted")
 
 
+def fmt_time(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def pick_device(name=""):
     """--device: empty = the best there is, cuda -> mps -> cpu."""
     if not name:
@@ -353,6 +357,14 @@ class ExitHead(nn.Module):
         return self.head(self.ln(x))
 
 
+def init_weights(module):
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -366,16 +378,10 @@ class GPT(nn.Module):
         ))
         self.exit_heads = nn.ModuleDict({str(k): ExitHead(cfg) for k in cfg.head_layers})
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -702,8 +708,8 @@ def save_checkpoint(path, model, vocab, **extra):
     """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically:
     to a temp file beside path, then rename, so an interrupted save never spoils the old file."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
-    ckpt = {"format": CKPT_FORMAT, "config": asdict(raw.config), "model": raw.state_dict(),
-            "vocab": vocab.itos, **extra}
+    ckpt = {"format": CKPT_FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": raw.state_dict(),
+            "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py: "cascade")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -734,6 +740,9 @@ def load_checkpoint(path, device="cpu"):
 
 def model_from_checkpoint(ckpt, device="cpu"):
     """(model in eval mode, vocab) from a checkpoint dict."""
+    if ckpt.get("kind", "gpt") != "gpt":
+        raise EEminiError(f"this is a {ckpt['kind']} checkpoint, not a train.py model; "
+                          f"use the script that wrote it (exit_classifier.py for cascades)")
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])

@@ -38,7 +38,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import eemini as ee
-from train import fmt_time
 
 METHODS = {"A": ("classifier", "distill"), "B": ("classifier", "loss"), "C": ("softmax", None)}
 NAMES = {"A": "distill", "B": "loss", "C": "softmax"}
@@ -118,7 +117,7 @@ class CascadeBlock(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed else None
         self.h = nn.ModuleList([ee.Block(cfg) for _ in range(n_layer)])
         self.head = ee.ExitHead(cfg)
-        self.apply(lambda m: ee.GPT._init_weights(self, m))
+        self.apply(ee.init_weights)
 
     def forward(self, x, live=None):  # x: (B, T) ids or (B, T, C) states; live: (B, T) bool or None = all
         if self.wte is not None:
@@ -273,7 +272,7 @@ def fit(name, block, train, val, args, device, clfs=None):
         dt = time.time() - t0
         extra = "".join(f" | exit mse ({k}) {tot[k] / n:.4f}" for k in clfs)
         print(f"{name} | epoch {epoch:3d}/{args.max_epochs} | train ce {tot['ce'] / n:.4f} | val ppl {ppl:8.3f} "
-              f"| best {best:8.3f} | {1000 * dt / epoch:6.0f} ms/epoch | ETA <= {fmt_time(dt / epoch * (args.max_epochs - epoch))}{extra}")
+              f"| best {best:8.3f} | {1000 * dt / epoch:6.0f} ms/epoch | ETA <= {ee.fmt_time(dt / epoch * (args.max_epochs - epoch))}{extra}")
         if bad >= args.patience:
             print(f"{name} | early stop: no better val PPL for {args.patience} epochs")
             break
@@ -475,7 +474,7 @@ def main(args):
     saved.config = cfg
     ee.save_checkpoint(args.out, saved, vocab, kind=KIND, block_layers=bl, methods=methods, args=vars(args),
                        thresholds={m: results[m]["thresholds"] for m in methods}, metrics=results)
-    print(f"\ndone in {fmt_time(time.time() - t0)} | saved {args.out}")
+    print(f"\ndone in {ee.fmt_time(time.time() - t0)} | saved {args.out}")
     return results
 
 

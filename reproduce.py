@@ -40,7 +40,6 @@ import torch
 import eemini as ee
 import sweep
 import train
-from train import fmt_time
 
 TAU = 0.95  # headline threshold: the seeds' "quality" setting (seed 000 finding 4, seed 003's recommended config)
 THRESHOLDS = sorted(set(sweep.DEFAULT_THRESHOLDS) | set(train.TABLE_THRESHOLDS))
@@ -234,8 +233,8 @@ def run_all(args):
             times.append(done["seconds"])
             left -= 1
             eta = statistics.fmean(times) * left
-            print(f"{tag} | {fmt_time(done['seconds'])} | {headline(metrics)} | elapsed {fmt_time(time.time() - t0)} "
-                  f"| ETA {fmt_time(eta)}", flush=True)
+            print(f"{tag} | {ee.fmt_time(done['seconds'])} | {headline(metrics)} | elapsed {ee.fmt_time(time.time() - t0)} "
+                  f"| ETA {ee.fmt_time(eta)}", flush=True)
         else:
             print(f"{tag} | finished earlier, skipped", flush=True)
         records.setdefault(name, []).append({**done["metrics"], "seconds": done["seconds"]})
@@ -532,7 +531,7 @@ def report(records, missing, args, wall):
         (f"exit/{t}/flops", 1, "%")))] for name, kind, what, _ in RUNS if kind == "train" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {machine(args.device)}, device {args.device}. "
-             f"Total time {fmt_time(total)} of runs ({fmt_time(wall)} for the last invocation).", "",
+             f"Total time {ee.fmt_time(total)} of runs ({ee.fmt_time(wall)} for the last invocation).", "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "
              f"validation PPL on the first {args.val_chars:,} characters of the valid split. Where a table has no "
@@ -576,7 +575,7 @@ def main(args):
     text, table = report(records, missing, args, time.time() - t0)
     write_atomic(args.results, text)
     write_atomic(Path(args.results).with_name("results.csv"), table)
-    print(f"wrote {args.results} and {Path(args.results).with_name('results.csv')} | {fmt_time(time.time() - t0)}")
+    print(f"wrote {args.results} and {Path(args.results).with_name('results.csv')} | {ee.fmt_time(time.time() - t0)}")
     return records
 
 

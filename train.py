@@ -153,10 +153,6 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
 def print_tables(layers, rows, full, shallow, exit_row, cfg):
     """Seed 000's Results and Threshold Analysis tables, measured on this run's model."""
     L, k, tau = cfg.n_layer, cfg.exit_layer, exit_row["threshold"]
@@ -267,7 +263,7 @@ def main(args):
             eta = (args.max_iters - step) * ms / 1000
             per_layer = " ".join(f"L{k} {v.item():.4f}" for k, v in ce.items())
             log(f"step {step:6d}/{args.max_iters} | loss {loss.item():.4f} | ce {per_layer} | lr {lr:.2e} | "
-                f"{ms:7.1f} ms | {tokens_per_step / ms * 1000:9,.0f} tok/s | ETA {fmt_time(eta)}")
+                f"{ms:7.1f} ms | {tokens_per_step / ms * 1000:9,.0f} tok/s | ETA {ee.fmt_time(eta)}")
         if master and (step % args.eval_interval == 0 or step == args.max_iters):
             eval_and_save(step)
 
@@ -286,7 +282,7 @@ def main(args):
         save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val, metrics)
         peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU" if device.startswith("cuda")
                 else f"{__import__('resource').getrusage(0).ru_maxrss / 1024:.0f} MiB RSS")
-        log(f"done: {step} steps in {fmt_time(time.time() - t0)} | best val PPL (full depth) "
+        log(f"done: {step} steps in {ee.fmt_time(time.time() - t0)} | best val PPL (full depth) "
             f"{math.exp(best_val):.3f} | peak memory {peak} | saved {args.out}")
     if world > 1:
         dist.destroy_process_group()

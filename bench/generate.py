@@ -24,8 +24,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="data folder or file (default: the checkpoint's)")
     p.add_argument("--val-chars", type=int, default=50_000, help="validation characters for threshold and PPL")
     p.add_argument("--batch-sizes", default="1,16", help="comma list of generation batch sizes")
-    p.add_argument("--new-tokens", type=int, default=200, help="characters generated per timed run")
-    p.add_argument("--rounds", type=int, default=5, help="rounds, alternating full depth and early exit")
+    p.add_argument("--new-tokens", type=int, default=300, help="characters generated per timed run")
+    p.add_argument("--rounds", type=int, default=10, help="rounds, alternating full depth and early exit")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="", help="cuda, mps, cpu (empty = autodetect)")
     return p.parse_args(argv)
 
@@ -44,6 +45,8 @@ def tokens_per_s(model, prompt, new, threshold, device, seed):
 
 def main(args):
     device = ee.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = ee.load_checkpoint(args.ckpt, device)
     model, vocab = ee.model_from_checkpoint(ckpt, device)
     cfg = model.config
@@ -52,7 +55,7 @@ def main(args):
     stats = ee.token_stats(model, val, 64, device)
     tau = round(stats["conf"]["softmax"][cfg.exit_layer].median().item(), 3)  # ~50% exit on val text
     full, exit_row = ee.exit_metrics(model, val, 1.0, 64, device), ee.exit_metrics(model, val, tau, 64, device)
-    print(f"device {device} | {args.ckpt}: {cfg.n_layer} layers, exit after {cfg.exit_layer}, n_embd {cfg.n_embd} "
+    print(f"device {device} ({torch.get_num_threads()} threads) | {args.ckpt}: {cfg.n_layer} layers, exit after {cfg.exit_layer}, n_embd {cfg.n_embd} "
           f"| threshold {tau} (median exit confidence on {len(val):,} chars of {source})")
     print(f"true-exit PPL: full depth {full['ppl']:.3f} -> early exit {exit_row['ppl']:.3f} "
           f"({100 * (exit_row['ppl'] / full['ppl'] - 1):+.1f}%), shallow {exit_row['shallow']:.1f}%")

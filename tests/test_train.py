@@ -139,6 +139,10 @@ def test_bad_checkpoints(tmp_path):
             ee.load_checkpoint(path)
     msg = cli_error(train.main, train.parse_args, ["--resume", "--out", str(corrupt), *TINY_TRAIN])
     assert "not a readable checkpoint" in msg
+    cascade = tmp_path / "cascade.pt"  # an eemini checkpoint of another kind (exit_classifier.py)
+    ee.save_checkpoint(cascade, make_model(), ee.Vocab(list("abc")), kind="cascade")
+    with pytest.raises(ee.EEminiError, match="cascade checkpoint, not a train.py model"):
+        ee.model_from_checkpoint(ee.load_checkpoint(cascade))
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
