@@ -199,3 +199,66 @@ def test_sample_cli_colours_by_depth(text_file, tmp_path, capsys):
     sample.main(sample.parse_args([*argv[:-4], "--threshold", "1.0", "--color", "always"]))
     printed = capsys.readouterr().out
     assert sample.SHALLOW not in printed.split("-" * 60)[0] and "exited at layer 1: 0.0%" in printed
+
+
+class FakeResponse:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def read(self):
+        return self.blob
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fake_wikitext_zip(tmp_path):
+    import zipfile
+
+    path = tmp_path / "fake.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for split in ("train", "valid", "test"):
+            z.writestr(f"wikitext-2-raw/wiki.{split}.raw", f" = {split} = \n some text \n")
+    return path.read_bytes()
+
+
+def test_download_is_checked_and_unpacked_once(tmp_path, monkeypatch):
+    import hashlib
+    import urllib.request
+
+    blob = fake_wikitext_zip(tmp_path)
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse(blob))
+    with pytest.raises(ee.EEminiError, match="failed its sha256 check"):
+        ee.download_wikitext(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "wikitext-2-raw").exists()
+    monkeypatch.setattr(ee, "WIKITEXT_SHA256", hashlib.sha256(blob).hexdigest())
+    folder = ee.download_wikitext(tmp_path / "cache")
+    assert ee.read_split(folder, "valid")[0] == " = valid = \n some text \n"
+    assert ee.download_wikitext(tmp_path / "cache") == folder and len(calls) == 2  # cached: no third fetch
+
+
+def test_offline_download_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ee.EEminiError, match="could not download WikiText-2.*pass --data"):
+        ee.download_wikitext(tmp_path / "cache")
+
+
+def test_folder_with_both_variants_reads_raw_for_every_split(wiki_folder):
+    for split in ("train", "valid", "test"):
+        (wiki_folder / f"wiki.{split}.tokens").write_text("<unk> " * 50)
+    for split in ("train", "valid", "test"):
+        text, source = ee.read_split(wiki_folder, split)
+        assert source.endswith(f"wiki.{split}.raw") and "<unk>" not in text
+    for split in ("train", "valid", "test"):
+        (wiki_folder / f"wiki.{split}.raw").unlink()
+    assert ee.read_split(wiki_folder, "valid")[1].endswith("wiki.valid.tokens")
