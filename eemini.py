@@ -695,7 +695,7 @@ def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence
 
 def layer_ppl(stats):
     """{layer: PPL} of each head alone."""
-    return {k: math.exp(v.mean().item()) for k, v in stats["ce"].items()}
+    return {k: math.exp(v.double().mean().item()) for k, v in stats["ce"].items()}
 
 
 # ----------------------------------------------------------------------------------------------

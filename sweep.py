@@ -107,7 +107,7 @@ def oracle_compute(n_deep, n, cfg):
 def masked_sweep(stats, cfg, thresholds, measures):
     """One row a (measure, threshold), all read from one token_stats pass, with the oracle's PPL
     at the row's compute (the same number of deep tokens) beside it."""
-    full, orc = math.exp(stats["ce"][cfg.n_layer].mean().item()), oracle_ce(stats, cfg)
+    full, orc = math.exp(stats["ce"][cfg.n_layer].double().mean().item()), oracle_ce(stats, cfg)
     rows = []
     for m in measures:
         for t in thresholds:
@@ -223,7 +223,7 @@ def run_sweep(model, ids, args, device):
     with ee.autocast(device):
         stats = ee.token_stats(model, ids, args.batch_size, device)
     rows = masked_sweep(stats, cfg, args.thresholds, args.confidence)
-    full = math.exp(stats["ce"][cfg.n_layer].mean().item())
+    full = math.exp(stats["ce"][cfg.n_layer].double().mean().item())
     n_tok = len(stats["ce"][cfg.n_layer])
     print(f"masked: one pass over {n_tok:,} tokens, {len(rows)} rows read from it, {time.time() - t0:.2f} s")
     if args.mode != "masked":
