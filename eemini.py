@@ -704,22 +704,33 @@ def layer_ppl(stats):
 CKPT_FORMAT = "eemini-1"
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Write to a temp file beside path and rename it over path only once all is written, so an
+    interrupted write never spoils what was there. Yields the open file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def save_checkpoint(path, model, vocab, **extra):
     """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically:
     to a temp file beside path, then rename, so an interrupted save never spoils the old file."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
     ckpt = {"format": CKPT_FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": raw.state_dict(),
             "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py: "cascade")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -31,7 +31,6 @@ import os
 import platform
 import shlex
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -249,12 +248,8 @@ def headline(m):
 
 
 def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with ee.atomic_write(path, encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,19 +369,36 @@ def m(a):
     return f"{a[0]:.2f} ± {a[1]:.2f}"
 
 
+def all_of(verdicts):
+    """Several pairwise checks as one: any contradicted -> not supported; all hold -> supported."""
+    if "not supported" in verdicts:
+        return "not supported"
+    return "supported" if all(v == "supported" for v in verdicts) else "inconclusive (within noise)"
+
+
+def sized(verdict, measured, claimed):
+    """A claim of a size ('31.2% better'): the right direction at under half the size is direction only."""
+    if verdict == "supported" and abs(measured) < abs(claimed) / 2:
+        return f"direction only ({measured:+.1f}%, claimed {claimed:+.1f}%)"
+    return verdict
+
+
 def findings(A):
     """[(seed, claim, check)]; each check returns (verdict, the numbers behind it)."""
     ppl = lambda n, t=TAU: A(n, f"masked/{t:g}/ppl")  # noqa: E731
     comp = lambda n, t=TAU: A(n, f"masked/{t:g}/compute")  # noqa: E731
     std3, s2 = A("std3L", "full/ppl"), "seed002-4L"
 
-    def vs(a, b, la, lb):
-        rel = f" ({100 * (a[0] / b[0] - 1):+.1f}%)" if b[0] else ""
-        return below(a, b), f"{la} {m(a)} vs {lb} {m(b)}{rel}"
+    def vs(a, b, la, lb, claimed=None):  # claimed: the seed's relative difference in %, if it gave one
+        rel = 100 * (a[0] / b[0] - 1) if b[0] else 0.0
+        verdict = below(a, b) if claimed is None else sized(below(a, b), rel, claimed)
+        return verdict, f"{la} {m(a)} vs {lb} {m(b)} ({rel:+.1f}%)"
 
-    def saves(name):
+    def saves(name, claimed):  # claimed: % of compute the seed says was saved
         c = comp(name)
-        return ("supported" if c[0] + c[1] < 100 else "not supported"), f"compute {m(c)}% at threshold {TAU:g}"
+        saved = (100 - c[0], c[1])
+        verdict = sized(below((0.0, 0.0), saved), saved[0], claimed) if saved[0] + saved[1] < claimed else "supported"
+        return verdict, f"compute {m(c)}% at threshold {TAU:g}, {saved[0]:.1f}% saved (claimed {claimed:.1f}%)"
 
     def falls(seq):  # [(label, agg)]: does the mean fall at every step?
         means = [a[0] for _, a in seq]
@@ -430,35 +442,34 @@ def findings(A):
 
     def ec_order(key, order):
         vals = {n: A("seed004", f"{n}/{key}") for n in ("distill", "loss", "softmax")}
-        ok = all(below(vals[a], vals[b]) == "supported" for a, b in zip(order, order[1:]))
-        return ("supported" if ok else "not supported"), ", ".join(f"{n} {m(vals[n])}" for n in order)
+        verdict = all_of([below(vals[a], vals[b]) for a, b in zip(order, order[1:])])
+        return verdict, ", ".join(f"{n} {m(vals[n])}" for n in order)
 
     def ec_softmax():
         sh = {n: A("seed004", f"{n}/shallow") for n in ("distill", "loss", "softmax")}
         f = {n: A("seed004", f"{n}/final_ppl") for n in sh}
-        ok = all(below(sh[n], sh["softmax"]) == "supported" and below(f[n], f["softmax"]) == "supported" for n in ("distill", "loss"))
-        return ("supported" if ok else "not supported"), "shallow " + ", ".join(f"{n} {m(a)}%" for n, a in sh.items()) \
+        verdict = all_of([below(x[n], x["softmax"]) for x in (sh, f) for n in ("distill", "loss")])
+        return verdict, "shallow " + ", ".join(f"{n} {m(a)}%" for n, a in sh.items()) \
             + "; final PPL " + ", ".join(f"{n} {m(a)}" for n, a in f.items())
 
     def ec_worse():
         pairs = {n: (A("seed004", f"{n}/final_ppl"), A("seed004", f"{n}/block0_ppl")) for n in ("distill", "loss", "softmax")}
-        ok = all(below(b, a) == "supported" for a, b in pairs.values())
-        return ("supported" if ok else "not supported"), ", ".join(f"{n} {m(a)} vs block 0 {m(b)}" for n, (a, b) in pairs.items())
+        return all_of([below(b, a) for a, b in pairs.values()]), ", ".join(f"{n} {m(a)} vs block 0 {m(b)}" for n, (a, b) in pairs.items())
 
     return [
         ("000/001", "Routing an aux-trained model beats Standard 3L in PPL (23.98 vs 34.86, -31.2%)",
-         lambda: vs(ppl("aux"), std3, f"aux routed@{TAU:g}", "Standard 3L")),
-        ("000/001", "... and cuts compute by 34.8% (65.2% of 3L)", lambda: saves("aux")),
+         lambda: vs(ppl("aux"), std3, f"aux routed@{TAU:g}", "Standard 3L", -31.2)),
+        ("000/001", "... and cuts compute by 34.8% (65.2% of 3L)", lambda: saves("aux", 34.8)),
         ("000/001", "A higher threshold gives a lower PPL (more tokens take the deep path)",
          lambda: falls([(f"{t:g}", ppl("aux", t)) for t in S000_AUX])),
         ("000/001", "Threshold 0.95 is the quality setting, 0.5 the speed setting (lower PPL vs lower compute)",
          lambda: (below(ppl("aux", 0.95), ppl("aux", 0.5)) if comp("aux", 0.5)[0] < comp("aux", 0.95)[0] else "not supported",
                   f"0.95: PPL {m(ppl('aux', 0.95))}, compute {m(comp('aux', 0.95))}%; 0.5: PPL {m(ppl('aux', 0.5))}, compute {m(comp('aux', 0.5))}%")),
         ("000/001", "Deep supervision (LPT) + early exit beats Standard 3L (28.13 vs 34.86, -19.3%)",
-         lambda: vs(ppl("deepsup"), std3, f"deepsup routed@{TAU:g}", "Standard 3L")),
-        ("000/001", "... and cuts compute by 53.4% (46.6% of 3L)", lambda: saves("deepsup")),
+         lambda: vs(ppl("deepsup"), std3, f"deepsup routed@{TAU:g}", "Standard 3L", -19.3)),
+        ("000/001", "... and cuts compute by 53.4% (46.6% of 3L)", lambda: saves("deepsup", 53.4)),
         ("000/001", "... but aux routing is better than deepsup routing (23.98 vs 28.13, 14.7% better)",
-         lambda: vs(ppl("aux"), ppl("deepsup"), "aux", "deepsup")),
+         lambda: vs(ppl("aux"), ppl("deepsup"), "aux", "deepsup", -14.7)),
         ("002", "Deep supervision + inference-time early exit works: 31-50% compute saved for -0.2%..+5% PPL", s002_range),
         ("002", "The best threshold is about 0.8: PPL kept (-0.2%) with 31% compute saved", s002_best),
         ("002", "At a suitable threshold early exit improves PPL over full depth (the exit layer predicts some tokens better)",
@@ -467,13 +478,15 @@ def findings(A):
         ("002", "PPL is not monotone in the threshold (worse 0.0 -> 0.6, better 0.7 -> 0.8)",
          lambda: bumpy([ppl(s2, t) for t in S002])),
         ("003", "asym α=0.7 without a middle-layer loss is the best of all methods (PPL 22.95)", best_method),
-        ("003", "... 34.2% better than Standard 3L in PPL", lambda: vs(ppl("asym-a0.7"), std3, "asym α 0.7", "Standard 3L")),
-        ("003", "... with 35.0% compute saved", lambda: saves("asym-a0.7")),
-        ("003", "... and 4.3% better than aux (α=0.5: 23.98)", lambda: vs(ppl("asym-a0.7"), ppl("aux"), "α 0.7", "α 0.5")),
+        ("003", "... 34.2% better than Standard 3L in PPL",
+         lambda: vs(ppl("asym-a0.7"), std3, "asym α 0.7", "Standard 3L", -34.2)),
+        ("003", "... with 35.0% compute saved", lambda: saves("asym-a0.7", 35.0)),
+        ("003", "... and 4.3% better than aux (α=0.5: 23.98)",
+         lambda: vs(ppl("asym-a0.7"), ppl("aux"), "α 0.7", "α 0.5", -4.3)),
         ("003", "Weighting the exit more is better: PPL falls as α rises 0.3 -> 0.5 -> 0.7",
          lambda: falls([(f"α {a}", ppl(f"asym-a{a}" if a != 0.5 else "aux")) for a in S003_ALPHA])),
         ("003", "Adding a middle-layer loss worsens PPL by 39.8% (22.95 -> 32.07)",
-         lambda: vs(ppl("asym-a0.7"), ppl("asym_deepsup-a0.7"), "asym", "asym_deepsup")),
+         lambda: vs(ppl("asym-a0.7"), ppl("asym_deepsup-a0.7"), "asym", "asym_deepsup", -28.4)),
         ("003", "... because the exit becomes over-confident: more tokens exit (86.3% vs 52.4%)",
          lambda: vs(A("asym-a0.7", f"masked/{TAU:g}/shallow"), A("asym_deepsup-a0.7", f"masked/{TAU:g}/shallow"),
                     "shallow% asym", "asym_deepsup")),

@@ -241,12 +241,12 @@ def run_sweep(model, ids, args, device):
 
 def write_files(args, result, series):
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with ee.atomic_write(args.csv, newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
             w.writeheader()
             w.writerows(result["rows"])
     if args.json:
-        with open(args.json, "w") as f:
+        with ee.atomic_write(args.json) as f:
             json.dump(result, f, indent=1)
     if args.plot:
         save_png(args.plot, series, [(o["compute"], o["ppl"]) for o in result["oracle"]])

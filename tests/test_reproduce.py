@@ -37,6 +37,13 @@ def test_flatten_cells_and_verdicts():
     assert reproduce.below((1.0, 0.1, 3), (2.0, 0.1, 3)) == "supported"
     assert reproduce.below((2.0, 0.1, 3), (1.0, 0.1, 3)) == "not supported"
     assert reproduce.below((1.0, 0.5, 3), (1.2, 0.5, 3)).startswith("inconclusive")
+    # a claim with a size: the right direction at under half of it is "direction only"
+    assert reproduce.sized("supported", -2.1, -34.2).startswith("direction only")
+    assert reproduce.sized("supported", -20.0, -34.2) == "supported"
+    assert reproduce.sized("inconclusive (within noise)", -2.1, -34.2).startswith("inconclusive")
+    assert reproduce.all_of(["supported", "supported"]) == "supported"
+    assert reproduce.all_of(["supported", "inconclusive (within noise)"]).startswith("inconclusive")
+    assert reproduce.all_of(["supported", "not supported"]) == "not supported"
 
 
 def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, capsys, monkeypatch):
