@@ -156,14 +156,15 @@ class Vocab:
         return len(self.itos)
 
 
-def load_data(data, train_chars=500_000, val_chars=50_000, split="valid"):
+def load_data(data, train_chars=500_000, val_chars=50_000, split="valid", verbose=True):
     """(vocab, train ids, eval ids) for the first train_chars / val_chars characters of each split."""
     (train, train_src), (held, held_src) = read_split(data, "train"), read_split(data, split)
     train, held = train[:train_chars], held[:val_chars]
     vocab = Vocab.from_text(train)
     unseen = sum(ch not in vocab.stoi for ch in held)
-    print(f"data: {len(train):,} chars of {train_src} | {len(held):,} chars of {held_src} | vocab {len(vocab)} "
-          f"| {unseen} {split} chars unseen in train -> unknown id")
+    if verbose:
+        print(f"data: {len(train):,} chars of {train_src} | {len(held):,} chars of {held_src} | vocab {len(vocab)} "
+              f"| {unseen} {split} chars unseen in train -> unknown id")
     return vocab, vocab.encode(train), vocab.encode(held)
 
 

@@ -153,6 +153,16 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+
+
 def print_tables(layers, rows, full, shallow, exit_row, cfg):
     """Seed 000's Results and Threshold Analysis tables, measured on this run's model."""
     L, k, tau = cfg.n_layer, cfg.exit_layer, exit_row["threshold"]
@@ -182,14 +192,19 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt, args = load_for_resume(args)
-    device = ee.pick_device(args.device if world == 1 or not args.device.startswith("cuda")
-                            else f"cuda:{local_rank}")
+    device = ee.pick_device(args.device)
+    if world > 1 and device.startswith("cuda"):  # one GPU a process
+        device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
 
-    vocab, train_data, val = ee.load_data(args.data, args.train_chars, args.val_chars)
+    if world > 1 and not master:
+        dist.barrier()  # rank 0 reads (and, the first time, downloads) the data first
+    vocab, train_data, val = ee.load_data(args.data, args.train_chars, args.val_chars, verbose=master)
+    if world > 1 and master:
+        dist.barrier()
     if ckpt is not None and vocab.itos != ckpt["vocab"]:
         raise ee.EEminiError(f"the training text's characters differ from those of {args.out}; "
                              f"resume with the same --data and --train-chars")
@@ -234,8 +249,8 @@ def main(args):
                         {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": r})
 
     gen = torch.Generator()
-    t0 = t_log = time.time()
-    first_step = step
+    t0 = time.time()
+    first_step = t_step = step  # timing starts after this run's first step (warm-up, compilation)
     while step < args.max_iters:
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
@@ -253,13 +268,16 @@ def main(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if step == first_step + 1:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t_log, t_step = time.time(), step
         if step % args.log_interval == 0 or step == args.max_iters:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             now = time.time()
-            n = step - first_step if step - first_step < args.log_interval else args.log_interval
-            ms = 1000 * (now - t_log) / max(1, n)
-            t_log = now
+            ms = 1000 * (now - t_log) / max(1, step - t_step)
+            t_log, t_step = now, step
             eta = (args.max_iters - step) * ms / 1000
             per_layer = " ".join(f"L{k} {v.item():.4f}" for k, v in ce.items())
             log(f"step {step:6d}/{args.max_iters} | loss {loss.item():.4f} | ce {per_layer} | lr {lr:.2e} | "
@@ -280,10 +298,8 @@ def main(args):
         metrics = {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
                    "exit_only": shallow, "thresholds": table, "true_exit": true_exit}
         save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val, metrics)
-        peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU" if device.startswith("cuda")
-                else f"{__import__('resource').getrusage(0).ru_maxrss / 1024:.0f} MiB RSS")
         log(f"done: {step} steps in {ee.fmt_time(time.time() - t0)} | best val PPL (full depth) "
-            f"{math.exp(best_val):.3f} | peak memory {peak} | saved {args.out}")
+            f"{math.exp(best_val):.3f} | peak memory {peak_memory(device)} | saved {args.out}")
     if world > 1:
         dist.destroy_process_group()
     return raw_model

@@ -23,7 +23,7 @@ def test_two_process_gloo_run(text_file, tmp_path):
            str(HERE / "ddp_worker.py"), *argv, str(dump)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 process(es)" in r.stdout
+    assert "2 process(es)" in r.stdout and r.stdout.count("data: ") == 1  # rank 0 speaks for both
     steps = re.findall(r"^step +\d+/12 \| loss ([\d.]+)", r.stdout, flags=re.M)
     assert len(steps) == 12  # rank 0 logs, rank 1 stays quiet
     assert float(steps[-1]) < float(steps[0])  # the loss falls
