@@ -118,7 +118,7 @@ def read_split(data, split):
         raw = all((path / f"wiki.{s}.raw").exists() for s in ("train", "valid"))
         file = path / f"wiki.{split}.{'raw' if raw else 'tokens'}"
         if not file.exists():
-            raise EEminiError(f"{path} has no {file.name}; --data wants a folder with "
+            raise EEminiError(f"{path} has no wiki.{split}.raw (nor .tokens); --data wants a folder with "
                               f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
         text, source = file.read_text(encoding="utf-8"), str(file)
     elif path.is_file():
@@ -601,6 +601,20 @@ def weighted_loss(ce_by_layer, weights):
     return sum(weights[k] * ce_by_layer[k] for k in weights)
 
 
+def untrained_exit(ckpt):
+    """Why a checkpoint's exit head cannot be trusted to route (no exit point, or no loss ever
+    reached it, as under --loss final), or None if it can."""
+    a, cfg = ckpt.get("args") or {}, ckpt["config"]
+    if not cfg.get("exit_layer"):
+        return "is a plain model without an exit point (--exit-layer 0)"
+    if a.get("loss") in LOSSES:
+        w = layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5), a.get("layer_weights") or None)
+        if cfg["exit_layer"] not in w:
+            how = f"--layer-weights {a['layer_weights']}" if a.get("layer_weights") else f"--loss {a['loss']}"
+            return f"was trained with {how}: its exit head (after layer {cfg['exit_layer']}) was never trained"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # compute accounting
 
@@ -639,7 +653,7 @@ def eval_windows(data, block_size, batch_size):
     n = (len(data) - 1) // block_size
     if n == 0:
         raise EEminiError(f"the evaluation text ({len(data)} chars) is shorter than one window of "
-                          f"{block_size + 1}; use more --val-chars or a smaller --block-size")
+                          f"{block_size + 1} (the model's context + 1); use more --val-chars")
     x = data[: n * block_size].view(n, block_size)
     y = data[1 : n * block_size + 1].view(n, block_size)
     for i in range(0, n, batch_size):
@@ -741,9 +755,9 @@ def load_checkpoint(path, device="cpu"):
         raise EEminiError(f"no checkpoint at {path}; train one with `python train.py` (or pass its path)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise EEminiError(f"{path} is not a readable checkpoint ({reason}); re-train or re-copy it") from None
+    except Exception as e:  # a truncated zip, a text file, pickled code that weights_only refuses ...
+        raise EEminiError(f"{path} is not a readable checkpoint (corrupt, truncated, or not written by "
+                          f"eemini: {type(e).__name__}); re-train or re-copy it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise EEminiError(f"{path} is not an eemini checkpoint (no '{CKPT_FORMAT}' format tag); "
                           f"pass a file written by train.py")

@@ -7,7 +7,7 @@ exit classifier learns from block 0's hidden state how sure block 0 is; tokens b
 hidden states. At evaluation a token leaves at block 0 when its confidence clears the threshold
 (true early exit); the rest go on. Every PPL printed is on the same held-out validation text.
 
-Tiny CPU run (about 25 seconds on 2 cores):
+Tiny CPU run (a few seconds on 2 cores):
     python exit_classifier.py --data ../shared/data/wikitext-2 --num-samples 600 --max-epochs 2 --val-chars 5000
 Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
 hard tokens (about 7 minutes each on a 2-core CPU; every block stops early, block 0 after 34 epochs):

@@ -8,14 +8,14 @@ PPL-against-Compute plots (masked, true exit, oracle frontier); and a verdict on
 
 Smoke run (about 1-2 minutes on 2 CPU cores; writes runs/quick/RESULTS.md):
     python reproduce.py --data ../shared/data/wikitext-2 --quick
-The full run (3 seeds x 8 models + seed 004's cascade; about 45 minutes on 2 quiet CPU cores):
+The full run (3 seeds x 8 models + seed 004's cascade; 31 minutes on 2 quiet CPU cores):
     python reproduce.py --data ../shared/data/wikitext-2
 Bigger, on a GPU:
     python reproduce.py --device cuda --seeds 5 --max-iters 5000
 
 --max-iters 1000 by default: a 3-layer train.py step takes ~75 ms on 2 quiet cores, so each model is
-~75 s of training plus ~15 s of evaluation; 21 train.py runs (24 once Standard 1L can be built) and
-3 seed-004 cascades (a few minutes each) fit in ~45 minutes. Interrupt at any time and run the same
+~75 s of training plus ~15 s of evaluation; 24 train.py runs and 3 seed-004 cascades (2-3 minutes
+each) took 31 minutes. Interrupt at any time and run the same
 command again: finished runs (a `<name>-seed<k>.json` beside the checkpoint, with the same
 arguments) are skipped, an unfinished checkpoint is resumed. Each run's own output goes to
 `<out-dir>/<name>-seed<k>.log`. Random seed k trains with --seed 1337+k.
@@ -529,7 +529,7 @@ def plots(A, res_dir):
     return out
 
 
-def report(records, missing, args, wall):
+def report(records, missing, args):
     """RESULTS.md text and results.csv text."""
     agg = {name: aggregate(recs) for name, recs in records.items()}
     A = lambda name, key: agg.get(ALIASES.get(name, name), {}).get(key)  # noqa: E731
@@ -544,12 +544,12 @@ def report(records, missing, args, wall):
         (f"exit/{t}/flops", 1, "%")))] for name, kind, what, _ in RUNS if kind == "train" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {machine(args.device)}, device {args.device}. "
-             f"Total time {ee.fmt_time(total)} of runs ({ee.fmt_time(wall)} for the last invocation).", "",
+             f"Total time {ee.fmt_time(total)} of runs.", "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "
              f"validation PPL on the first {args.val_chars:,} characters of the valid split. Where a table has no "
              f"threshold column, routed figures are masked routing at threshold {t} (the seeds' quality setting). "
-             "The seeds' code trained on a placeholder text when WikiText was missing (DESIGN.md), so their absolute "
+             "The code behind seeds 000-003 trained on a two-sentence placeholder text when WikiText was missing, so their absolute "
              "figures are not expected to match; the verdicts below test the directions they claim.", ""]
     lines += [f"Not run: **{n}** ({why})." for n, why in missing.items()] + ([""] if missing else [])
     lines += ["## Headline", "", *md(["Model", "Full-depth PPL", "Exit-only PPL", f"Routed PPL @{t} (masked)",
@@ -585,7 +585,7 @@ def main(args):
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}", flush=True)
     records, missing = run_all(args)
-    text, table = report(records, missing, args, time.time() - t0)
+    text, table = report(records, missing, args)
     write_atomic(args.results, text)
     write_atomic(Path(args.results).with_name("results.csv"), table)
     print(f"wrote {args.results} and {Path(args.results).with_name('results.csv')} | {ee.fmt_time(time.time() - t0)}")

@@ -47,9 +47,13 @@ def render(text, depths, exit_layer, color):
 
 def main(args):
     device = ee.pick_device(args.device)
-    model, vocab = ee.model_from_checkpoint(ee.load_checkpoint(args.ckpt, device), device)
+    ckpt = ee.load_checkpoint(args.ckpt, device)
+    model, vocab = ee.model_from_checkpoint(ckpt, device)
     if not args.prompt:
         raise ee.EEminiError("--prompt is empty; give at least one character")
+    why = ee.untrained_exit(ckpt)
+    if why and args.threshold < 1.0:
+        raise ee.EEminiError(f"{args.ckpt} {why}; generate at full depth with --threshold 1.0")
     cfg = model.config
     prompt = vocab.encode(args.prompt).to(device).repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)

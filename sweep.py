@@ -71,19 +71,10 @@ def parse_args(argv=None):
 
 
 def check_exit_trained(ckpt, path):
-    """A plain model (--exit-layer 0), or one whose exit head got no loss (--loss final), has nothing to sweep."""
-    a, cfg = ckpt.get("args") or {}, ckpt["config"]
-    if not cfg.get("exit_layer"):
-        raise ee.EEminiError(f"{path} is a plain model without an exit point (--exit-layer 0); there is "
-                             f"nothing to sweep; train with --exit-layer 1 or deeper")
-    if a.get("loss") not in ee.LOSSES:
-        return
-    w = ee.layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5),
-                         a.get("layer_weights") or None)
-    if cfg["exit_layer"] not in w:
-        how = f"--layer-weights {a['layer_weights']}" if a.get("layer_weights") else f"--loss {a['loss']}"
-        raise ee.EEminiError(f"{path} was trained with {how}: its exit head (after layer {cfg['exit_layer']}) "
-                             f"was never trained, so there is nothing to sweep; train with --loss asym")
+    """A plain model, or one whose exit head got no loss (--loss final), has nothing to sweep."""
+    why = ee.untrained_exit(ckpt)
+    if why:
+        raise ee.EEminiError(f"{path} {why}, so there is nothing to sweep; train with --loss asym")
 
 
 # ----------------------------------------------------------------------------------------------

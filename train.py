@@ -1,7 +1,7 @@
 """
 Train one early-exit GPT with one loss scheme, evaluate it, print the seeds' tables, save ckpt.pt.
 
-Tiny CPU run (about 4 minutes on 2 cores, downloads WikiText-2 once; offline, add --data FOLDER):
+Tiny CPU run (about 2 minutes on 2 quiet cores, downloads WikiText-2 once; offline, add --data FOLDER):
     python train.py --loss asym --alpha 0.7
 Seed 002's 4-layer setting (exit after layer 2, weights 0 / 0.7 / 0 / 0.3):
     python train.py --n-layer 4 --exit-layer 2 --n-embd 32 --n-head 2 --layer-weights 0,0.7,0,0.3

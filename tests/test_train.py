@@ -201,6 +201,16 @@ def test_sample_cli_colours_by_depth(text_file, tmp_path, capsys):
     assert sample.SHALLOW not in printed.split("-" * 60)[0] and "exited at layer 1: 0.0%" in printed
 
 
+def test_sample_refuses_an_untrained_exit_head(text_file, tmp_path):
+    import sample
+
+    out = tmp_path / "final.pt"
+    run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN, "--loss", "final")
+    msg = cli_error(sample.main, sample.parse_args, [str(out), "--threshold", "0.5", "--max-new-tokens", "5"])
+    assert "--loss final: its exit head" in msg and "--threshold 1.0" in msg
+    sample.main(sample.parse_args([str(out), "--threshold", "1.0", "--max-new-tokens", "5"]))  # full depth is fine
+
+
 class FakeResponse:
     def __init__(self, blob):
         self.blob = blob
