@@ -234,13 +234,18 @@ class CausalSelfAttention(nn.Module):
         k, v = (self.heads(t) for t in F.linear(x, w, b).split(C, dim=2))
         return cache.append(k, v, self.block_size) if cache is not None else (k, v)
 
-    def forward(self, x, cache=None, rows=None, q_idx=None):
+    def forward(self, x, cache=None, rows=None, q_idx=None, prefix=None):
         """x: (B, T, C) normed states of T new tokens. Queries come from all of them, or with
-        rows (R,) and q_idx (R, Tq) from x[rows] gathered at q_idx (the tokens still going deep)."""
+        rows (R,) and q_idx (R, Tq) from x[rows] gathered at q_idx (the tokens still going deep).
+        prefix: (B, P, C) normed states of earlier exited tokens whose K/V is still to be written;
+        it shares this call's qkv projection (one step instead of two) and asks no queries."""
         B, T, C = x.size()
         start = cache.length if cache is not None else 0
         if q_idx is None:
-            q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=2))
+            both = x if prefix is None else torch.cat([prefix, x], dim=1)
+            q, k, v = (self.heads(t) for t in self.c_attn(both).split(C, dim=2))
+            if prefix is not None:
+                q, start = q[:, :, -T:], start + prefix.size(1)
             if cache is not None:
                 k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
             qpos = None if start == 0 else start + torch.arange(T, device=x.device).expand(B, T)
@@ -293,12 +298,14 @@ class Block(nn.Module):
             if cache is not None:                # is written when the next deep token needs it
                 cache.defer(x)
             return x
+        pending = None
         if cache is not None and cache.pending is not None:
-            self.attn.write_kv(self.ln_1(cache.pending), cache)
-            cache.pending = None
+            pending, cache.pending = self.ln_1(cache.pending), None
         if deep is None or deep.all():
-            x = x + self.attn(self.ln_1(x), cache)
+            x = x + self.attn(self.ln_1(x), cache, prefix=pending)
             return x + self.mlp(self.ln_2(x))
+        if pending is not None:
+            self.attn.write_kv(pending, cache)
         # the work that is left: rows with a deep token, and in each its deep positions, in order,
         # then padding (a stable sort on "exited?"); the padding is computed but never written
         n_deep = deep.sum(1)
@@ -439,17 +446,20 @@ class GPT(nn.Module):
         logits = first_conf = deep = None  # deep: tokens still in flight (None = all of them)
         for k, block in enumerate(self.transformer.h, 1):
             x = block(x, deep, cache[k - 1] if cache else None)
-            if threshold is not None and k in cfg.exits and (deep is None or deep.any()):
-                exit_logits = self.head(k, x)
-                conf = CONFIDENCE[confidence](exit_logits)
-                leave = exit_mask(conf, threshold) if deep is None else deep & exit_mask(conf, threshold)
-                logits = exit_logits if logits is None else torch.where(leave.unsqueeze(-1), exit_logits, logits)
-                depth = depth.masked_fill(leave, k)
-                deep = ~leave if deep is None else deep & ~leave
-                first_conf = conf if first_conf is None else first_conf
-        if deep is None or deep.all():
-            logits = self.head(cfg.n_layer, x)
-        elif deep.any():  # the last head, for the deep tokens only
+            if threshold is None or k not in cfg.exits or (deep is not None and not deep.any()):
+                continue
+            exit_logits = self.head(k, x)
+            conf = CONFIDENCE[confidence](exit_logits)
+            first_conf = conf if first_conf is None else first_conf
+            leave = exit_mask(conf, threshold) if deep is None else deep & exit_mask(conf, threshold)
+            if not leave.any():  # the common case while decoding a hard token: nothing to record
+                continue
+            logits = exit_logits if logits is None else torch.where(leave.unsqueeze(-1), exit_logits, logits)
+            depth = depth.masked_fill(leave, k)
+            deep = ~leave if deep is None else deep & ~leave
+        if deep is None:
+            return self.head(cfg.n_layer, x), depth, first_conf
+        if deep.any():  # the last head, for the deep tokens only
             logits[deep] = self.head(cfg.n_layer, x[deep]).to(logits.dtype)
         return logits, depth, first_conf
 
