@@ -50,6 +50,9 @@ def run_cli(main, parse_args):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def fmt_time(seconds):
