@@ -621,7 +621,8 @@ def untrained_exit(ckpt):
     if not cfg.get("exit_layer"):
         return "is a plain model without an exit point (--exit-layer 0)"
     if a.get("loss") in LOSSES:
-        w = layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5), a.get("layer_weights") or None)
+        w = layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5),
+                          a.get("layer_weights") or None)
         if cfg["exit_layer"] not in w:
             how = f"--layer-weights {a['layer_weights']}" if a.get("layer_weights") else f"--loss {a['loss']}"
             return f"was trained with {how}: its exit head (after layer {cfg['exit_layer']}) was never trained"

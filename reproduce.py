@@ -553,7 +553,7 @@ def report(records, missing, args):
              "figures are not expected to match; the verdicts below test the directions they claim.", ""]
     lines += [f"Not run: **{n}** ({why})." for n, why in missing.items()] + ([""] if missing else [])
     lines += ["## Headline", "", *md(["Model", "Full-depth PPL", "Exit-only PPL", f"Routed PPL @{t} (masked)",
-                                      f"Routed PPL @{t} (true exit)", f"Oracle PPL at that compute", "Shallow%",
+                                      f"Routed PPL @{t} (true exit)", "Oracle PPL at that compute", "Shallow%",
                                       "Compute%", "FLOPs% (true exit)"], head)]
     for seed, title, body in (("000", "Experiments 3 & 4", seed000(A, LABELS["000"])),
                               ("001", "Experiments 3 & 4 (seed 000's runs, seed 001's names)", seed000(A, LABELS["001"])),
