@@ -239,6 +239,24 @@ def test_lazy_kv_of_exited_tokens_matches_batch():
     assert torch.allclose(resumed, want, atol=1e-5)
 
 
+def test_batched_decoding_equals_each_row_alone():
+    """Rows of a batch decode independently: with a per-step threshold that sometimes sends every
+    row out (pending K/V), sometimes none and sometimes some, batch 3 == each row at batch 1."""
+    model = make_model(n_layer=4, exit_layer=2)
+    x = torch.randint(0, 23, (3, 16))
+    mid = mid_threshold(model, x)
+    schedule = [0.0, 0.0, mid, 1.0, mid, 0.0, mid, mid, 1.0, 0.0, 0.0, mid, mid, mid, 1.0, mid]
+    caches = [ee.new_cache(4) for _ in range(4)]  # one for the batch, one for each row
+    mixed = 0
+    for t, thr in enumerate(schedule):
+        batch, depth, _ = model.forward_exit(x[:, t : t + 1], thr, cache=caches[0])
+        mixed += 0 < (depth == 2).sum() < 3
+        for r in range(3):
+            alone, d, _ = model.forward_exit(x[r : r + 1, t : t + 1], thr, cache=caches[r + 1])
+            assert torch.equal(d, depth[r : r + 1]) and torch.allclose(alone, batch[r : r + 1], atol=1e-5)
+    assert mixed >= 2  # the gather path (some rows deep, some not) ran
+
+
 def test_cache_truncate_replays_identically():
     model = make_model()
     x = torch.randint(0, 23, (1, 12))
