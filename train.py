@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import eemini as ee
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
-RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "compile", "out", "resume")
+RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "compile", "out", "resume", "overwrite")
 
 
 def parse_args(argv=None):
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch-size", type=int, default=64, help="windows per evaluation batch")
     g.add_argument("--out", default="ckpt.pt", help="checkpoint to write")
     g.add_argument("--resume", action="store_true", help="continue training from --out")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out (by default train.py "
+                   "refuses, so a trained model is never lost)")
     g.add_argument("--device", default="", help="cuda, mps, cpu ... (empty = autodetect cuda -> mps -> cpu)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     args = p.parse_args(argv)
@@ -186,6 +188,9 @@ def print_tables(layers, rows, full, shallow, exit_row, cfg):
 
 
 def main(args):
+    if not (args.resume or args.overwrite) and Path(args.out).exists():
+        raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
+                             f"or --overwrite to replace it")
     rank, world, local_rank = setup_distributed()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)

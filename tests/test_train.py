@@ -87,6 +87,16 @@ def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
         assert torch.allclose(v, straight["model"][k], atol=1e-6), k
 
 
+def test_an_existing_checkpoint_is_never_overwritten_by_accident(text_file, tmp_path):
+    out = tmp_path / "ckpt.pt"
+    run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN)
+    before = out.read_bytes()
+    msg = cli_error(train.main, train.parse_args, ["--data", str(text_file), "--out", str(out), *TINY_TRAIN])
+    assert "already exists" in msg and out.read_bytes() == before
+    run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN, "--overwrite", "--seed", "7")
+    assert out.read_bytes() != before
+
+
 def test_batches_differ_between_steps():
     data = torch.arange(1000)
     g = torch.Generator()
@@ -119,13 +129,14 @@ def test_bad_flags_give_one_line(argv, match, capsys):
 
 
 def test_missing_and_empty_data(tmp_path):
-    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "nope"), *TINY_TRAIN])
+    out = ["--out", str(tmp_path / "ckpt.pt"), *TINY_TRAIN]
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "nope"), *out])
     assert "no data at" in msg
     (tmp_path / "empty.txt").write_text("  \n")
-    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "empty.txt"), *TINY_TRAIN])
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "empty.txt"), *out])
     assert "is empty" in msg
     (tmp_path / "short.txt").write_text("abc" * 10)
-    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "short.txt"), *TINY_TRAIN])
+    msg = cli_error(train.main, train.parse_args, ["--data", str(tmp_path / "short.txt"), *out])
     assert "shorter than one window" in msg
 
 
@@ -162,7 +173,8 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 def test_cli_prints_one_line_and_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "c.pt")],
+                       cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: no data at")
     assert len(r.stderr.strip().splitlines()) == 1
