@@ -123,7 +123,7 @@ def read_split(data, split):
         if not file.exists():
             raise EEminiError(f"{path} has no wiki.{split}.raw (nor .tokens); --data wants a folder with "
                               f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
-        text, source = file.read_text(encoding="utf-8"), str(file)
+        text, source = file.read_text(encoding="utf-8", errors="replace"), str(file)
     elif path.is_file():
         if split == "test":
             raise EEminiError(f"{path} is a single text file, which has no test split; use --split valid")
@@ -476,7 +476,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None or cache[0].length >= block_size:  # (re)fill the cache from the text
                 cache = new_cache(self.config.n_layer)
-                step_in = idx[:, -(block_size if not depths else block_size // 2):]
+                step_in = idx[:, -(block_size if not depths else max(1, block_size // 2)):]
             logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache)
             logits = logits[:, -1].float()
             if temperature == 0:
@@ -511,7 +511,7 @@ def conf_margin(logits):
 def conf_entropy(logits):
     """Negative entropy, rescaled to [0, 1]: 1 - H(p) / log V (1 = one-hot, 0 = uniform)."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    return 1.0 + (logp.exp() * logp).sum(-1) / math.log(logits.size(-1))
+    return (1.0 + (logp.exp() * logp).sum(-1) / math.log(logits.size(-1))).clamp(0.0, 1.0)  # rounding
 
 
 CONFIDENCE = {"softmax": conf_softmax, "margin": conf_margin, "entropy": conf_entropy}
@@ -786,7 +786,8 @@ def model_from_checkpoint(ckpt, device="cpu"):
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
+        vocab = Vocab(ckpt["vocab"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise EEminiError(f"the checkpoint's model does not match its config ({str(e)[:120]}); "
                           f"it is damaged or from another version") from None
-    return model.to(device).eval(), Vocab(ckpt["vocab"])
+    return model.to(device).eval(), vocab

@@ -91,6 +91,8 @@ def check_args(p, args):
                  "eval_interval", "log_interval", "train_chars", "val_chars", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.dropout < 1.0 or args.ffn_dim < 0:
+        p.error("--dropout must be in [0, 1) and --ffn-dim at least 0")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.data:  # recorded in the checkpoint: sweep.py finds it again from any directory
@@ -100,6 +102,8 @@ def check_args(p, args):
             args.layer_weights = [float(w) for w in args.layer_weights.split(",")]
         except ValueError:
             p.error(f"--layer-weights wants comma-separated numbers, got '{args.layer_weights}'")
+        if not all(math.isfinite(w) for w in args.layer_weights):
+            p.error(f"--layer-weights must be finite numbers, got {args.layer_weights}")
         if len(args.layer_weights) != args.n_layer:
             p.error(f"--layer-weights has {len(args.layer_weights)} entries; --n-layer is {args.n_layer}")
 
@@ -252,6 +256,7 @@ def main(args):
             f"compute {r['compute']:5.1f}% flops {r['flops']:5.1f}%")
         save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val,
                         {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": r})
+        raw_model.train()  # evaluation switched dropout off
 
     gen = torch.Generator()
     t0 = time.time()
@@ -260,8 +265,11 @@ def main(args):
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # batches are a function of (seed, step, rank): a resumed run draws new ones, not a replay
-        gen.manual_seed(args.seed * 1_000_003 + step * world + rank)
+        # batches and dropout masks are a function of (seed, step, rank): a resumed run continues
+        # exactly as an uninterrupted one would, and never replays the batches it has seen
+        step_seed = args.seed * 1_000_003 + step * world + rank
+        gen.manual_seed(step_seed)
+        torch.manual_seed(step_seed + 500_009)
         for micro in range(args.grad_accum):
             x, y = get_batch(train_data, args.block_size, args.batch_size, gen, device)
             sync = micro == args.grad_accum - 1 or world == 1
@@ -280,13 +288,13 @@ def main(args):
         if step % args.log_interval == 0 or step == args.max_iters:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            now = time.time()
-            ms = 1000 * (now - t_log) / max(1, step - t_step)
+            now, n = time.time(), step - t_step
+            speed = (f"{1000 * (now - t_log) / n:7.1f} ms | {tokens_per_step * n / (now - t_log):9,.0f} tok/s | "
+                     f"ETA {ee.fmt_time((args.max_iters - step) * (now - t_log) / n)}") if n and now > t_log \
+                else "warm-up step, not timed"
             t_log, t_step = now, step
-            eta = (args.max_iters - step) * ms / 1000
             per_layer = " ".join(f"L{k} {v.item():.4f}" for k, v in ce.items())
-            log(f"step {step:6d}/{args.max_iters} | loss {loss.item():.4f} | ce {per_layer} | lr {lr:.2e} | "
-                f"{ms:7.1f} ms | {tokens_per_step / ms * 1000:9,.0f} tok/s | ETA {ee.fmt_time(eta)}")
+            log(f"step {step:6d}/{args.max_iters} | loss {loss.item():.4f} | ce {per_layer} | lr {lr:.2e} | {speed}")
         if master and (step % args.eval_interval == 0 or step == args.max_iters):
             eval_and_save(step)
 
@@ -296,7 +304,8 @@ def main(args):
         layers, rows = evaluate(raw_model, val, args, device, [*TABLE_THRESHOLDS, args.threshold, 1.0, 0.0])
         *table, exit_row, full, shallow = rows
         print_tables(layers, table, full, shallow, exit_row, cfg)
-        true_exit = ee.exit_metrics(raw_model, val, args.threshold, args.eval_batch_size, device)
+        with ee.autocast(device):  # the same precision as the masked figures beside it
+            true_exit = ee.exit_metrics(raw_model, val, args.threshold, args.eval_batch_size, device)
         if cfg.exits:
             log(f"true early exit at threshold {args.threshold}: PPL {true_exit['ppl']:.3f} "
                 f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")

@@ -152,6 +152,8 @@ def test_other_confidence_measures_are_in_unit_interval():
         assert ((c >= -1e-6) & (c <= 1 + 1e-6)).all(), name
     uniform, onehot = torch.zeros(1, 5), torch.tensor([[50.0, 0, 0, 0, 0]])
     assert ee.conf_entropy(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    for v in (3, 7, 170):  # float rounding never takes a uniform prediction below 0: threshold 0 exits it
+        assert ee.exit_mask(ee.conf_entropy(torch.zeros(2, v)), 0.0).all()
     assert ee.conf_entropy(onehot).item() == pytest.approx(1.0, abs=1e-4)
     assert ee.conf_margin(uniform).item() == pytest.approx(0.0, abs=1e-6)
 

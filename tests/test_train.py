@@ -74,10 +74,11 @@ def test_save_load_gives_identical_logits(tmp_path):
 
 
 def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
-    """6 steps, then resume to 10 == 10 steps straight: same weights, no replayed batches.
-    (A constant learning rate, since the cosine's length depends on --max-iters.)"""
-    base = ["--data", str(text_file), *TINY_TRAIN, "--eval-interval", "100", "--warmup-iters", "0",
-            "--lr", "1e-3", "--min-lr", "1e-3"]
+    """6 steps, then resume to 10 == 10 steps straight: same weights, no replayed batches, the same
+    dropout masks, and training mode back on after each evaluation. (A constant learning rate,
+    since the cosine's length depends on --max-iters.)"""
+    base = ["--data", str(text_file), *TINY_TRAIN, "--eval-interval", "3", "--warmup-iters", "0",
+            "--lr", "1e-3", "--min-lr", "1e-3", "--dropout", "0.1"]
     run_train(*base, "--out", str(tmp_path / "a.pt"), "--max-iters", "10")
     run_train(*base, "--out", str(tmp_path / "b.pt"), "--max-iters", "6")
     resumed = run_train(*base, "--out", str(tmp_path / "b.pt"), "--max-iters", "10", "--resume")
@@ -119,6 +120,9 @@ def test_lr_schedule():
     (["--exit-layer", "3"], "--exit-layer 3 must be between 1 and"),
     (["--layer-weights", "1,2"], "--layer-weights has 2 entries"),
     (["--n-embd", "30", "--n-head", "4"], "not divisible"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--ffn-dim", "-4"], "--ffn-dim at least 0"),
+    (["--n-layer", "2", "--layer-weights", "nan,1"], "finite"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
