@@ -10,7 +10,7 @@ hidden states. At evaluation a token leaves at block 0 when its confidence clear
 Tiny CPU run (a few seconds on 2 cores):
     python exit_classifier.py --data ../shared/data/wikitext-2 --num-samples 600 --max-epochs 2 --val-chars 5000
 Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
-hard tokens (about 7 minutes each on a 2-core CPU; every block stops early, block 0 after 34 epochs):
+hard tokens (2-3 minutes each on 2 quiet CPU cores; every block stops early, block 0 after ~34 epochs):
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace
 Bigger, on a GPU:
