@@ -229,12 +229,15 @@ class CausalSelfAttention(nn.Module):
     def heads(self, t):  # (B, T, C) -> (B, nh, T, hs)
         return t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
 
+    def project(self, x, part):  # part: slice of c_attn's output rows (queries 0:C, keys+values C:3C)
+        b = self.c_attn.bias
+        return F.linear(x, self.c_attn.weight[part], None if b is None else b[part])
+
     def write_kv(self, x, cache):
         """K/V of every new token (an exited one too: later tokens attend to it), appended to the
         cache; returns all keys and values so far, (B, nh, S, hs) each."""
         C = x.size(-1)
-        w, b = self.c_attn.weight[C:], None if self.c_attn.bias is None else self.c_attn.bias[C:]
-        k, v = (self.heads(t) for t in F.linear(x, w, b).split(C, dim=2))
+        k, v = (self.heads(t) for t in self.project(x, slice(C, None)).split(C, dim=2))
         return cache.append(k, v, self.block_size) if cache is not None else (k, v)
 
     def forward(self, x, cache=None, rows=None, q_idx=None, prefix=None):
@@ -251,20 +254,18 @@ class CausalSelfAttention(nn.Module):
                 q, start = q[:, :, -T:], start + prefix.size(1)
             if cache is not None:
                 k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
-            qpos = None if start == 0 else start + torch.arange(T, device=x.device).expand(B, T)
-            if T == 1 and start > 0:  # one new token sees every key: no mask to build
-                return self.resid_dropout(self.c_proj(self.attend(q, k, v, None, C)))
         else:  # true early exit: K/V for every token, a query only for the deep ones
             k, v = self.write_kv(x, cache)
             k, v = k[rows], v[rows]
-            q = self.heads(F.linear(gather_tokens(x[rows], q_idx), self.c_attn.weight[:C],
-                                    None if self.c_attn.bias is None else self.c_attn.bias[:C]))
-            qpos = start + q_idx
-        if qpos is None:
-            return self.resid_dropout(self.c_proj(self.attend(q, k, v, "causal", C)))
-        # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
-        mask = torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)  # (R, Tq, S)
-        return self.resid_dropout(self.c_proj(self.attend(q, k, v, mask.unsqueeze(1), C)))
+            q = self.heads(self.project(gather_tokens(x[rows], q_idx), slice(0, C)))
+        if q_idx is None and start == 0:
+            mask = "causal"
+        elif q_idx is None and T == 1:
+            mask = None  # one new token sees every key
+        else:  # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
+            qpos = start + (torch.arange(T, device=x.device).expand(B, T) if q_idx is None else q_idx)
+            mask = (torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)).unsqueeze(1)  # (R, 1, Tq, S)
+        return self.resid_dropout(self.c_proj(self.attend(q, k, v, mask, C)))
 
     def attend(self, q, k, v, mask, C):  # mask: "causal", None (see all keys) or a bool mask
         drop = self.dropout if self.training else 0.0

@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     p.add_argument("--vocab-size", type=int, default=170, help="vocabulary (WikiText-2 train head: 170)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=7, help="rounds, alternating the two models")
+    p.add_argument("--rounds", type=int, default=15, help="rounds, alternating the two models")
     p.add_argument("--device", default="", help="cuda, mps, cpu (empty = autodetect)")
     return p.parse_args(argv)
 
