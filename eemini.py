@@ -1,9 +1,11 @@
 """
-eemini: confidence-routed early exit for a character-level GPT, in one file.
+eemini: confidence-routed early exit for a character-level GPT. This file is the model and the idea.
 
-Easy characters leave the network at a shallow exit layer; hard ones go through every layer.
-Read top to bottom: errors and data -> model -> exits and routing -> losses -> compute
-accounting -> evaluation -> checkpoints.
+Easy characters leave the network at a shallow exit; hard ones go through every layer. Read top to
+bottom: config -> attention, MLP, Block -> exit heads and the GPT (training forward, true early
+exit, generation) -> confidence and routing -> loss schemes -> KV cache -> compute accounting.
+What the scripts share but the model never touches lives beside it: data.py (text, vocabulary,
+windows), measure.py (per-token statistics, metrics, oracle, sweep rows), checkpoint.py, cli.py.
 
 References
 [1] Teerapittayanon et al. 2016, BranchyNet: fast inference via early exiting. arXiv:1709.01686
@@ -11,20 +13,10 @@ References
 [3] Schuster et al. 2022, CALM: Confident Adaptive Language Modeling. arXiv:2207.07061
 [4] Lee et al. 2015, Deeply-Supervised Nets. arXiv:1409.5185
 [5] Elhoushi et al. 2024, LayerSkip: early exit inference and self-speculative decoding. arXiv:2404.16710
-[6] Merity et al. 2016, Pointer Sentinel Mixture Models (the WikiText data sets). arXiv:1609.07843
 """
 
-import argparse
-import contextlib
-import hashlib
 import math
-import os
-import sys
-import tempfile
-import urllib.request
-import zipfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -35,182 +27,52 @@ class EEminiError(Exception):
     """A problem the user can fix (bad data path, bad flag, foreign checkpoint): printed as one line."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage dump): `train.py: error: ... (see --help)`."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+# ----------------------------------------------------------------------------------------------
+# config
 
 
-def run_cli(main, parse_args):
-    """Run a script's main(); a problem the user can fix ends in one `error:` line, exit code 1."""
-    try:
-        return main(parse_args())
-    except EEminiError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 128  # context length in characters
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 64
+    ffn_dim: int = 0  # MLP hidden width; 0 means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False
+    # exit points: a token may leave after these layers (each in 1..n_layer-1); [] = a plain GPT
+    exits: list = field(default_factory=lambda: [1])
+    # the training loss, sum_k w_k * CE(head after layer k), as {layer: w}; None = asym with
+    # alpha 0.7 (the quick start). Every exit and every weighted layer has a head.
+    loss_weights: dict = None
 
+    def __post_init__(self):
+        self.exits = sorted(set(self.exits))
+        if not all(1 <= k < self.n_layer for k in self.exits):
+            raise EEminiError(f"exit layers {self.exits} must lie in 1..n_layer-1 = {self.n_layer - 1} "
+                              f"(none, for a plain model without an exit)")
+        if self.n_embd % self.n_head:
+            raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.loss_weights is None:
+            self.loss_weights = layer_weights("asym" if self.exits else "final", self.n_layer, self.exits, 0.7)
+        self.loss_weights = {int(k): float(w) for k, w in sorted(self.loss_weights.items()) if w > 0}
+        if not self.loss_weights or not all(1 <= k <= self.n_layer for k in self.loss_weights):
+            raise EEminiError(f"loss weights {self.loss_weights} must weigh layers in 1..{self.n_layer}")
 
-def fmt_time(seconds):
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    @property
+    def head_layers(self):
+        """Middle layers with a head of their own: the exits and every weighted middle layer."""
+        return sorted(set(self.exits) | {k for k in self.loss_weights if k < self.n_layer})
 
-
-def pick_device(name=""):
-    """--device: empty = the best there is, cuda -> mps -> cpu."""
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as e:
-        raise EEminiError(f"device '{name}' is not usable here ({str(e)[:80]}); try --device cpu") from None
-    return name
-
-
-def autocast(device):
-    """bf16 autocast on CUDA where the GPU supports it; full fp32 everywhere else."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    @property
+    def trained_exits(self):
+        """The exits whose head the loss reached (under --loss final none did: they cannot route)."""
+        return [k for k in self.exits if k in self.loss_weights]
 
 
 # ----------------------------------------------------------------------------------------------
-# data: character-level WikiText-2 from plain text [6]
-
-WIKITEXT_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
-WIKITEXT_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
-CACHE_DIR = Path(os.environ.get("EEMINI_CACHE", Path.home() / ".cache" / "eemini"))
-UNK = "\ufffd"  # id 0: every character the training text never showed
-
-
-def download_wikitext(cache_dir=CACHE_DIR):
-    """Fetch wikitext-2-raw-v1.zip once, check its sha256, unpack it; returns the split folder."""
-    folder = Path(cache_dir) / "wikitext-2-raw"
-    if (folder / "wiki.train.raw").exists():
-        return folder
-    print(f"downloading WikiText-2 (4.7 MB) from {WIKITEXT_URL} into {cache_dir}")
-    try:
-        with urllib.request.urlopen(WIKITEXT_URL, timeout=30) as r:
-            blob = r.read()
-    except OSError as e:
-        raise EEminiError(f"could not download WikiText-2 ({e}); fetch wikitext-2-raw-v1.zip by hand, "
-                          f"unzip it and pass --data path/to/wikitext-2-raw") from None
-    if hashlib.sha256(blob).hexdigest() != WIKITEXT_SHA256:
-        raise EEminiError(f"the download from {WIKITEXT_URL} failed its sha256 check; try again or pass --data")
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # unpack beside, then rename: never half a folder
-        zip_path = Path(tmp) / "wikitext-2-raw-v1.zip"
-        zip_path.write_bytes(blob)
-        zipfile.ZipFile(zip_path).extractall(tmp)
-        os.replace(Path(tmp) / "wikitext-2-raw", folder)
-    return folder
-
-
-def read_split(data, split):
-    """(text, source) of one split ('train', 'valid', 'test') from a WikiText folder or one text file.
-
-    A folder may hold wiki.{split}.raw or .tokens; where it has both, the raw variant is taken for
-    every split (mixing them inflates validation PPL: .tokens writes rare words as <unk>).
-    A single file is cut 90/10 into train and valid; it has no test split.
-    """
-    path = Path(data) if data else download_wikitext()
-    if path.is_dir():
-        raw = all((path / f"wiki.{s}.raw").exists() for s in ("train", "valid"))
-        file = path / f"wiki.{split}.{'raw' if raw else 'tokens'}"
-        if not file.exists():
-            raise EEminiError(f"{path} has no wiki.{split}.raw (nor .tokens); --data wants a folder with "
-                              f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
-        text, source = file.read_text(encoding="utf-8", errors="replace"), str(file)
-    elif path.is_file():
-        if split == "test":
-            raise EEminiError(f"{path} is a single text file, which has no test split; use --split valid")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        cut = int(len(text) * 0.9)
-        text, source = (text[:cut], f"{path} [:90%]") if split == "train" else (text[cut:], f"{path} [90%:]")
-    else:
-        raise EEminiError(f"no data at {path}; pass --data a WikiText-2 folder or a text file "
-                          f"(or no --data, to download WikiText-2 once)")
-    if not text.strip():
-        raise EEminiError(f"the {split} text from {path} is empty; point --data at real text")
-    return text, source
-
-
-class Vocab:
-    """Characters of the training text, id 0 reserved for characters it never showed."""
-
-    def __init__(self, itos):
-        self.itos = list(itos)
-        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-
-    @classmethod
-    def from_text(cls, text):
-        return cls([UNK] + sorted(set(text) - {UNK}))
-
-    def encode(self, text):
-        return torch.tensor([self.stoi.get(ch, 0) for ch in text], dtype=torch.long)
-
-    def decode(self, ids):
-        return "".join(self.itos[i] for i in ids)
-
-    def __len__(self):
-        return len(self.itos)
-
-
-def load_data(data, train_chars=500_000, val_chars=50_000, split="valid", verbose=True):
-    """(vocab, train ids, eval ids) for the first train_chars / val_chars characters of each split."""
-    (train, train_src), (held, held_src) = read_split(data, "train"), read_split(data, split)
-    train, held = train[:train_chars], held[:val_chars]
-    vocab = Vocab.from_text(train)
-    unseen = sum(ch not in vocab.stoi for ch in held)
-    if verbose:
-        print(f"data: {len(train):,} chars of {train_src} | {len(held):,} chars of {held_src} | vocab {len(vocab)} "
-              f"| {unseen} {split} chars unseen in train -> unknown id")
-    return vocab, vocab.encode(train), vocab.encode(held)
-
-
-# ----------------------------------------------------------------------------------------------
-# model: a pre-norm GPT (nanoGPT layout) whose attention can skip the queries of exited tokens
-
-
-class KVCache:
-    """Keys and values of one layer, preallocated to the context; appendable and truncatable.
-
-    truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
-    verifies, and the rejected drafts' entries are cut back. `pending` holds the frozen states of
-    exited tokens whose K/V this layer has not written yet: computing it lazily, for a run of easy
-    tokens at once when the next deep token arrives, gives the same numbers with far fewer steps.
-    """
-
-    def __init__(self):
-        self.k = self.v = self.pending = None
-        self.length = 0  # tokens whose K/V is written (pending ones come after them)
-
-    def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
-        if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, block_size, D)
-            self.v = v.new_empty(B, H, block_size, D)
-        end = self.length + k.size(2)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
-        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
-
-    def truncate(self, length):
-        if self.pending is not None:
-            keep = length - self.length
-            self.pending = self.pending[:, :keep] if keep > 0 else None
-        self.length = min(self.length, length)
-
-
-def new_cache(n_layer):
-    return [KVCache() for _ in range(n_layer)]
+# the transformer: a pre-norm GPT (nanoGPT layout) whose attention can skip exited tokens' queries
 
 
 def gather_tokens(x, idx):  # x: (B, T, C), idx: (B, Tq) -> (B, Tq, C)
@@ -220,7 +82,6 @@ def gather_tokens(x, idx):  # x: (B, T, C), idx: (B, Tq) -> (B, Tq, C)
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
         self.n_head, self.block_size, self.dropout = cfg.n_head, cfg.block_size, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -326,35 +187,8 @@ class Block(nn.Module):
         return x.index_copy(0, rows, x_rows.scatter(1, q_idx.unsqueeze(-1).expand_as(h), h))
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 128  # context length in characters
-    n_layer: int = 3
-    n_head: int = 4
-    n_embd: int = 64
-    ffn_dim: int = 0  # MLP hidden width; 0 means 4 * n_embd
-    dropout: float = 0.0
-    bias: bool = False
-    exit_layer: int = 1  # the exit point: a token may leave after this layer (1..n_layer-1); 0 = none
-    # middle layers with a head of their own: the exit layer, plus any a loss supervises
-    # (deepsup puts one on every layer). The last layer's head is ln_f + lm_head.
-    head_layers: list = field(default_factory=list)
-
-    def __post_init__(self):
-        self.head_layers = sorted(set(self.head_layers) | set(self.exits))
-        if not 0 <= self.exit_layer < self.n_layer:
-            raise EEminiError(f"exit layer {self.exit_layer} must be between 1 and n_layer-1 = {self.n_layer - 1} "
-                              f"(or 0 for a plain model without an exit)")
-        if self.n_embd % self.n_head:
-            raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if not all(1 <= k < self.n_layer for k in self.head_layers):
-            raise EEminiError(f"head layers {self.head_layers} must lie in 1..{self.n_layer - 1}")
-
-    @property
-    def exits(self):
-        """Exit points in depth order. One today; routing and accounting loop over this list."""
-        return [self.exit_layer] if self.exit_layer else []
+# ----------------------------------------------------------------------------------------------
+# exit heads and the GPT
 
 
 class ExitHead(nn.Module):
@@ -412,29 +246,29 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
 
-    def forward(self, idx, targets=None, layer_weights=None):
-        """Logits at every layer with a head ({layer: (B, T, V)}), and, given targets and
-        {layer: weight}, the weighted loss and each weighted layer's CE. Training calls this."""
-        x = self.embed(idx)
-        logits = {}  # training reads only the weighted layers' heads; evaluation reads them all
-        wanted = set(layer_weights) if layer_weights else {*self.config.head_layers, self.config.n_layer}
+    def forward(self, idx, targets=None):
+        """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
+        sum_k w_k CE(layer k) over config.loss_weights (then only the weighted heads are computed)."""
+        weights = self.config.loss_weights
+        wanted = set(weights) if targets is not None else {*self.config.head_layers, self.config.n_layer}
+        x, logits = self.embed(idx), {}
         for k, block in enumerate(self.transformer.h, 1):
             x = block(x)
             if k in wanted:
                 logits[k] = self.head(k, x)
         if targets is None:
-            return logits, None, None
-        ce = {k: F.cross_entropy(logits[k].flatten(0, 1), targets.flatten()) for k in layer_weights}
-        return logits, weighted_loss(ce, layer_weights), ce
+            return logits, None
+        ce = {k: F.cross_entropy(logits[k].flatten(0, 1), targets.flatten()) for k in weights}
+        return logits, weighted_loss(ce, weights)
 
     def forward_all_layers(self, idx):
         """{layer: logits} after every layer that has a head (deep supervision reads these)."""
         return self(idx)[0]
 
     def forward_train(self, idx):
-        """(shallow, deep) logits: the exit head's and the last layer's."""
+        """(shallow, deep) logits: the first exit head's and the last layer's."""
         logits = self(idx)[0]
-        return logits[self.config.exit_layer], logits[self.config.n_layer]
+        return logits[self.config.exits[0]], logits[self.config.n_layer]
 
     @torch.no_grad()
     def forward_exit(self, idx, threshold, confidence="softmax", cache=None):
@@ -479,23 +313,28 @@ class GPT(nn.Module):
                 cache = new_cache(self.config.n_layer)
                 step_in = idx[:, -(block_size if not depths else max(1, block_size // 2)):]
             logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache)
-            logits = logits[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
             depths.append(depth[:, -1])
             idx = torch.cat([idx, nxt], dim=1)
             step_in = nxt
         return idx, torch.stack(depths, 1) if depths else idx.new_zeros(idx.size(0), 0)
 
 
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """(B, 1) next ids from (B, V) logits: argmax at temperature 0, else a draw from the softmax
+    of logits / temperature, restricted to the top_k most likely when top_k is set."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
 # ----------------------------------------------------------------------------------------------
-# exits and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
+# confidence and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
 
 
 def conf_softmax(logits):
@@ -519,7 +358,7 @@ CONFIDENCE = {"softmax": conf_softmax, "margin": conf_margin, "entropy": conf_en
 
 
 def check_threshold(threshold):
-    if not 0.0 <= threshold <= 1.0:
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
         raise EEminiError(f"threshold {threshold} is outside [0, 1]; 0 sends every token out early, 1 none")
     return threshold
 
@@ -564,41 +403,43 @@ def route(logits_by_layer, threshold, exits, confidence="softmax"):
 
 
 # ----------------------------------------------------------------------------------------------
-# loss schemes: each one a table {layer: weight}; the loss is sum_k weight_k * CE(layer k)
+# loss schemes: each one a table {layer: weight}; the loss is sum_k weight_k * CE(layer k).
+# Several exit points share the weight a scheme gives "the exit"; with one exit nothing changes.
 
 
-def loss_final(n_layer, exit_layer, alpha):
+def loss_final(n_layer, exits, alpha):
     """Seed 000 'Standard': CE of the last layer only (with n_layer=1, 'Standard 1L')."""
     return {n_layer: 1.0}
 
 
-def loss_aux(n_layer, exit_layer, alpha):
+def loss_aux(n_layer, exits, alpha):
     """Seeds 000/001 Exp 3, Depth-Adaptive Transformer [2]: 0.5 CE(exit) + 0.5 CE(final)."""
-    return {exit_layer: 0.5, n_layer: 0.5}
+    return {**{k: 0.5 / len(exits) for k in exits}, n_layer: 0.5}
 
 
-def loss_deepsup(n_layer, exit_layer, alpha):
+def loss_deepsup(n_layer, exits, alpha):
     """Seeds 000/001 Exp 4, Deeply-Supervised Nets [4] (the seeds' 'LPT'): mean CE over all layers."""
     return {k: 1.0 / n_layer for k in range(1, n_layer + 1)}
 
 
-def loss_asym(n_layer, exit_layer, alpha):
+def loss_asym(n_layer, exits, alpha):
     """Seed 003 Exp 5 and seed 002: alpha CE(exit) + (1-alpha) CE(final), middle layers unsupervised."""
-    return {exit_layer: alpha, n_layer: 1.0 - alpha}
+    return {**{k: alpha / len(exits) for k in exits}, n_layer: 1.0 - alpha}
 
 
-def loss_asym_deepsup(n_layer, exit_layer, alpha):
+def loss_asym_deepsup(n_layer, exits, alpha):
     """Seed 003 Exp 6: alpha CE(exit) + 1.0 CE(every other middle layer) + (1-alpha) CE(final)."""
-    return {k: alpha if k == exit_layer else 1.0 - alpha if k == n_layer else 1.0 for k in range(1, n_layer + 1)}
+    return {k: alpha / len(exits) if k in exits else 1.0 - alpha if k == n_layer else 1.0 for k in range(1, n_layer + 1)}
 
 
 LOSSES = {"final": loss_final, "aux": loss_aux, "deepsup": loss_deepsup,
           "asym": loss_asym, "asym_deepsup": loss_asym_deepsup}
+NEEDS_EXIT = ("aux", "asym", "asym_deepsup")  # the schemes that weigh an exit head
 
 
-def layer_weights(loss, n_layer, exit_layer, alpha=0.5, weights=None):
+def layer_weights(loss, n_layer, exits, alpha=0.5, weights=None):
     """The {layer: weight} table of a scheme, or of an explicit per-layer list such as seed 002's
-    [0, 0.7, 0, 0.3]. Layers of weight 0 are dropped (they get no head and no loss)."""
+    [0, 0.7, 0, 0.3]. Layers of weight 0 are dropped (they get no head, unless they are exits)."""
     if not 0.0 <= alpha <= 1.0:
         raise EEminiError(f"alpha {alpha} is outside [0, 1]; it weighs the exit's loss against the final's")
     if weights is not None:
@@ -606,28 +447,57 @@ def layer_weights(loss, n_layer, exit_layer, alpha=0.5, weights=None):
             raise EEminiError(f"--layer-weights needs {n_layer} non-negative numbers, one a layer, "
                               f"not all zero (got {weights})")
         table = dict(enumerate(weights, 1))
+    elif loss in NEEDS_EXIT and not exits:
+        raise EEminiError(f"--loss {loss} supervises an exit head: give --exit-layers")
     else:
-        table = LOSSES[loss](n_layer, exit_layer, alpha)
-    return {k: float(w) for k, w in table.items() if w > 0}
+        table = LOSSES[loss](n_layer, exits, alpha)
+    return {k: float(w) for k, w in sorted(table.items()) if w > 0}
 
 
 def weighted_loss(ce_by_layer, weights):
     return sum(weights[k] * ce_by_layer[k] for k in weights)
 
 
-def untrained_exit(ckpt):
-    """Why a checkpoint's exit head cannot be trusted to route (no exit point, or no loss ever
-    reached it, as under --loss final), or None if it can."""
-    a, cfg = ckpt.get("args") or {}, ckpt["config"]
-    if not cfg.get("exit_layer"):
-        return "is a plain model without an exit point (--exit-layer 0)"
-    if a.get("loss") in LOSSES:
-        w = layer_weights(a["loss"], cfg["n_layer"], cfg["exit_layer"], a.get("alpha", 0.5),
-                          a.get("layer_weights") or None)
-        if cfg["exit_layer"] not in w:
-            how = f"--layer-weights {a['layer_weights']}" if a.get("layer_weights") else f"--loss {a['loss']}"
-            return f"was trained with {how}: its exit head (after layer {cfg['exit_layer']}) was never trained"
-    return None
+# ----------------------------------------------------------------------------------------------
+# KV cache: per layer, appendable and truncatable to a length
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated to the context; appendable and truncatable.
+
+    truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
+    verifies, and the rejected drafts' entries are cut back. `pending` holds the frozen states of
+    exited tokens whose K/V this layer has not written yet: computing it lazily, for a run of easy
+    tokens at once when the next deep token arrives, gives the same numbers with far fewer steps.
+    """
+
+    def __init__(self):
+        self.k = self.v = self.pending = None
+        self.length = 0  # tokens whose K/V is written (pending ones come after them)
+
+    def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, block_size, D)
+            self.v = v.new_empty(B, H, block_size, D)
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
+        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
+
+    def truncate(self, length):
+        if self.pending is not None:
+            keep = length - self.length
+            self.pending = self.pending[:, :keep] if keep > 0 else None
+        self.length = min(self.length, length)
+
+
+def new_cache(n_layer):
+    return [KVCache() for _ in range(n_layer)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,147 +518,22 @@ def flops_per_token(cfg, context=None):
     return layer, 2 * C * V, 2 * 2 * C * C
 
 
+def kv_layers(depth, n_layer):
+    """Per token, the layers above its exit where its K/V must be computed: those a *later* token
+    of its window reaches (an exited token lends K/V only to later tokens; lazy decoding computes
+    exactly these). depth: (..., T), windows along the last dimension."""
+    after = depth.flip(-1).cummax(-1).values.flip(-1)  # deepest layer reached from t to the end
+    after = torch.cat([after[..., 1:], torch.zeros_like(after[..., :1])], dim=-1)  # ... after t
+    return (after.clamp(max=n_layer) - depth).clamp(min=0)
+
+
 def flops_percent(depth, cfg, context=None):
     """FLOPs of this routing under true early exit, as % of a plain n_layer GPT with one head.
-    Counts what Compute% hides: every exit head a token reaches, and the K/V an exited token
-    still computes in each layer above its exit."""
+    Counts what Compute% hides: every exit head a token reaches, and the K/V an exited token still
+    computes in the layers above its exit that later tokens of its window reach.
+    depth: (..., T) with windows along the last dimension."""
     layer, head, kv = flops_per_token(cfg, context)
     L, d = cfg.n_layer, depth.double()
     heads = sum((d >= k).double() for k in cfg.exits) + (d == L).double()
-    cost = d * layer + heads * head + (L - d) * kv
+    cost = d * layer + heads * head + kv_layers(d, L) * kv
     return 100.0 * cost.mean().item() / (L * layer + head)
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluation: one pass gathers per-token CE and confidences; every threshold is read from them
-
-
-def eval_windows(data, block_size, batch_size):
-    """Non-overlapping (x, y) windows covering data, batch_size windows at a time."""
-    n = (len(data) - 1) // block_size
-    if n == 0:
-        raise EEminiError(f"the evaluation text ({len(data)} chars) is shorter than one window of "
-                          f"{block_size + 1} (the model's context + 1); use more --val-chars")
-    x = data[: n * block_size].view(n, block_size)
-    y = data[1 : n * block_size + 1].view(n, block_size)
-    for i in range(0, n, batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-@torch.no_grad()
-def token_stats(model, data, batch_size=64, device="cpu"):
-    """One masked forward over data: per token, CE at every head and each confidence measure at
-    each exit point. {'ce': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'correct': {layer: (N,)}}."""
-    model.eval()
-    cfg = model.config
-    ce, correct, conf = {}, {}, {m: {} for m in CONFIDENCE}
-    for x, y in eval_windows(data, cfg.block_size, batch_size):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)[0]
-        for k, lg in logits.items():
-            lg = lg.float()
-            ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none").cpu())
-            correct.setdefault(k, []).append((lg.argmax(-1) == y).flatten().cpu())
-            if k in cfg.exits:
-                for m, fn in CONFIDENCE.items():
-                    conf[m].setdefault(k, []).append(fn(lg).flatten().cpu())
-    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-    return {"ce": cat(ce), "correct": cat(correct), "conf": {m: cat(c) for m, c in conf.items()}}
-
-
-def routed_metrics(stats, threshold, cfg, confidence="softmax"):
-    """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
-    depth = exit_depth(stats["conf"][confidence], threshold, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
-    ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
-    return summarize(ce, depth, cfg, threshold)
-
-
-def summarize(ce, depth, cfg, threshold):
-    """One row of a results table from per-token CE and exit depth."""
-    return {"threshold": threshold, "ppl": math.exp(ce.double().mean().item()),
-            "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
-            "compute": compute_percent(depth, cfg.n_layer), "flops": flops_percent(depth, cfg)}
-
-
-@torch.no_grad()
-def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax"):
-    """The same figures as routed_metrics, measured with true early exit (one pass a threshold:
-    which states the deep layers see depends on who exited)."""
-    model.eval()
-    ce, depth = [], []
-    for x, y in eval_windows(data, model.config.block_size, batch_size):
-        logits, d, _ = model.forward_exit(x.to(device), threshold, confidence)
-        ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
-        depth.append(d.flatten().cpu())
-    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold)
-
-
-def layer_ppl(stats):
-    """{layer: PPL} of each head alone."""
-    return {k: math.exp(v.double().mean().item()) for k, v in stats["ce"].items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: one file, plain tensors and Python values only (torch.load(weights_only=True))
-
-CKPT_FORMAT = "eemini-1"
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="w", **open_kwargs):
-    """Write to a temp file beside path and rename it over path only once all is written, so an
-    interrupted write never spoils what was there. Yields the open file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path, model, vocab, **extra):
-    """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically:
-    to a temp file beside path, then rename, so an interrupted save never spoils the old file."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
-    ckpt = {"format": CKPT_FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": raw.state_dict(),
-            "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py: "cascade")
-    with atomic_write(path, "wb") as f:
-        torch.save(ckpt, f)
-
-
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict, or one clear EEminiError for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise EEminiError(f"no checkpoint at {path}; train one with `python train.py` (or pass its path)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated zip, a text file, pickled code that weights_only refuses ...
-        raise EEminiError(f"{path} is not a readable checkpoint (corrupt, truncated, or not written by "
-                          f"eemini: {type(e).__name__}); re-train or re-copy it") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise EEminiError(f"{path} is not an eemini checkpoint (no '{CKPT_FORMAT}' format tag); "
-                          f"pass a file written by train.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """(model in eval mode, vocab) from a checkpoint dict."""
-    if ckpt.get("kind", "gpt") != "gpt":
-        raise EEminiError(f"this is a {ckpt['kind']} checkpoint, not a train.py model; "
-                          f"use the script that wrote it (exit_classifier.py for cascades)")
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        vocab = Vocab(ckpt["vocab"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise EEminiError(f"the checkpoint's model does not match its config ({str(e)[:120]}); "
-                          f"it is damaged or from another version") from None
-    return model.to(device).eval(), vocab

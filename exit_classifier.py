@@ -8,13 +8,13 @@ hidden states. At evaluation a token leaves at block 0 when its confidence clear
 (true early exit); the rest go on. Every PPL printed is on the same held-out validation text.
 
 Tiny CPU run (a few seconds on 2 cores):
-    python exit_classifier.py --data ../shared/data/wikitext-2 --num-samples 600 --max-epochs 2 --val-chars 5000
+    python exit_classifier.py --data ../shared/data/wikitext-2 --train-seqs 600 --max-epochs 2 --val-chars 5000
 Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
 hard tokens (2-3 minutes each on 2 quiet CPU cores; every block stops early, block 0 after ~34 epochs):
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace
 Bigger, on a GPU:
-    python exit_classifier.py --compare --block-layers 4,4 --n-embd 256 --ffn-dim 1024 --num-samples 30000
+    python exit_classifier.py --compare --block-layers 4,4 --n-embd 256 --ffn-dim 1024 --train-seqs 30000
 
 --hard-context repack (seed 004): the hard tokens' block-0 states are concatenated in text order and
 cut into new --seq-len sequences, so block 1 sees only earlier *hard* tokens as context. At
@@ -37,28 +37,28 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import checkpoint as ck
+import cli
 import eemini as ee
+from data import Vocab, load_data
+from seeds import S004
 
 METHODS = {"A": ("classifier", "distill"), "B": ("classifier", "loss"), "C": ("softmax", None)}
 NAMES = {"A": "distill", "B": "loss", "C": "softmax"}
-SEED004 = {"Final PPL": ("1095.46", "1071.76", "1219.52"), "Accuracy": ("16.82%", "16.81%", "16.78%"),
-           "Shallow ratio": ("50.7%", "49.3%", "72.8%"), "Compute savings (layers)": ("25.3%", "24.6%", "36.4%"),
-           "Block 0 val_ppl": ("564.95",) * 3, "Block 1 val_ppl": ("522.28", "445.48", "736.13"),
-           "Threshold (Block 0)": ("0.1738", "0.0481", "0.1492"), "avg_label (Block 0)": ("0.184", "0.074", "-")}
 
 
 def parse_args(argv=None):
-    p = ee.Parser(description=__doc__.split("\n\n")[0], formatter_class=ee.argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="", help="WikiText folder or one text file (empty = download WikiText-2 once)")
-    g.add_argument("--num-samples", type=int, default=10_000, help="training sequences of --seq-len characters")
-    g.add_argument("--val-chars", type=int, default=50_000, help="held-out characters (valid split) for every PPL")
+    p = cli.Parser(__doc__)
+    g = cli.add_data(p, split=False)
+    g.add_argument("--train-seqs", type=cli.number(int, 1), default=10_000, help="training sequences of --seq-len "
+                   "characters (seed 004: num_samples)")
     g = p.add_argument_group("model")
-    g.add_argument("--block-layers", default="2,2", help="layers per block, comma list (at least two blocks)")
-    g.add_argument("--n-embd", type=int, default=64, help="width of the hidden state (seed: dim)")
-    g.add_argument("--n-head", type=int, default=4, help="attention heads")
-    g.add_argument("--ffn-dim", type=int, default=256, help="MLP hidden width")
-    g.add_argument("--seq-len", type=int, default=32, help="characters per sequence (the context)")
+    g.add_argument("--block-layers", type=cli.comma_list(cli.number(int, 1)), default=[2, 2],
+                   help="layers per block, comma list (at least two blocks)")
+    g.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width of the hidden state (seed: dim)")
+    g.add_argument("--n-head", type=cli.number(int, 1), default=4, help="attention heads")
+    g.add_argument("--ffn-dim", type=cli.number(int, 1), default=256, help="MLP hidden width")
+    g.add_argument("--seq-len", type=cli.number(int, 1), default=32, help="characters per sequence (the context)")
     g = p.add_argument_group("early exit")
     g.add_argument("--confidence", default="classifier", choices=["classifier", "softmax"],
                    help="learned exit classifier, or block 0's max softmax with no classifier")
@@ -66,38 +66,34 @@ def parse_args(argv=None):
                    help="classifier target: max softmax of the block (distill) or exp(-CE) (loss)")
     g.add_argument("--exit-classifier-mode", default="post", choices=["post", "joint"],
                    help="train the classifier after its block is frozen, or alongside it on detached states")
-    g.add_argument("--exit-hidden", type=int, default=64, help="classifier MLP width (0 = linear)")
-    g.add_argument("--exit-epochs", type=int, default=10, help="classifier epochs in post mode")
-    g.add_argument("--hard-ratio", type=float, default=0.5, help="fraction of training tokens below the threshold")
+    g.add_argument("--exit-hidden", type=cli.number(int, 0), default=64, help="classifier MLP width (0 = linear)")
+    g.add_argument("--exit-epochs", type=cli.number(int, 1), default=10, help="classifier epochs in post mode")
+    g.add_argument("--hard-ratio", type=cli.number(float, 0.0, 1.0), default=0.5,
+                   help="fraction of training tokens below the threshold, in (0, 1)")
     g.add_argument("--hard-context", default="repack", choices=["repack", "inplace"],
                    help="how block 1 sees its hard tokens: repacked into new sequences, or in their own text")
     g.add_argument("--compare", action="store_true", help="run A (distill), B (loss), C (softmax) on one block 0")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=64, help="sequences per step")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    g.add_argument("--max-epochs", type=int, default=50, help="epochs at most per block")
-    g.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val PPL")
-    g.add_argument("--val-ratio", type=float, default=0.2, help="share of the samples held out for early stopping")
+    g.add_argument("--batch-size", type=cli.number(int, 1), default=64, help="sequences per step")
+    g.add_argument("--lr", type=cli.number(float, 0.0), default=1e-3, help="AdamW learning rate")
+    g.add_argument("--grad-clip", type=cli.number(float, 0.0), default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--max-epochs", type=cli.number(int, 1), default=50, help="epochs at most per block")
+    g.add_argument("--patience", type=cli.number(int, 1), default=3,
+                   help="stop after this many epochs without a better val PPL")
+    g.add_argument("--val-ratio", type=cli.number(float, 0.0, 1.0), default=0.2,
+                   help="share of the samples held out for early stopping, in (0, 1)")
     g.add_argument("--seed", type=int, default=1337, help="random seed")
     g = p.add_argument_group("eval / io")
+    cli.add_eval_batch_size(g)
     g.add_argument("--out", default="exit_classifier.pt", help="checkpoint to write")
-    g.add_argument("--device", default="", help="cuda, mps, cpu ... (empty = autodetect)")
+    cli.add_device(g)
     args = p.parse_args(argv)
-    try:
-        args.block_layers = [int(n) for n in args.block_layers.split(",")]
-    except ValueError:
-        p.error(f"--block-layers wants comma-separated layer counts such as 2,2, got '{args.block_layers}'")
-    if len(args.block_layers) < 2 or min(args.block_layers) < 1:
+    if len(args.block_layers) < 2:
         p.error(f"--block-layers needs at least two blocks of at least one layer, got {args.block_layers}")
     if not 0.0 < args.hard_ratio < 1.0:
         p.error(f"--hard-ratio {args.hard_ratio} is outside (0, 1)")
     if not 0.0 < args.val_ratio < 1.0:
         p.error(f"--val-ratio {args.val_ratio} is outside (0, 1)")
-    for name in ("num_samples", "val_chars", "n_embd", "n_head", "seq_len", "batch_size", "max_epochs",
-                 "patience", "exit_epochs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     return args
@@ -201,7 +197,7 @@ def block_outputs(block, tok, batch_size, device):
     for i in range(0, len(tok.y), batch_size):
         b = tok.take(slice(i, i + batch_size))
         live = None if b.live.all() else b.live.to(device)
-        with ee.autocast(device):
+        with cli.autocast(device):
             h, logits = block(b.x.to(device), live)
         logits, y = logits.float(), b.y.to(device)
         out["h"].append(h.float().cpu())
@@ -213,7 +209,7 @@ def block_outputs(block, tok, batch_size, device):
 
 def val_ppl(block, tok, args, device):
     """PPL of block on the live tokens of tok."""
-    return math.exp(block_outputs(block, tok, args.batch_size, device)["ce"][tok.live].mean().item())
+    return math.exp(block_outputs(block, tok, args.eval_batch_size, device)["ce"][tok.live].mean().item())
 
 
 def confidence(method, clf, out):
@@ -250,7 +246,7 @@ def fit(name, block, train, val, args, device, clfs=None):
             if not b.live.any():
                 continue
             x, y, live = b.x.to(device), b.y.to(device), b.live.to(device)
-            with ee.autocast(device):
+            with cli.autocast(device):
                 h, logits = block(x, None if b.live.all() else live)
             ce = F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")
             losses = {"ce": ce[live].mean()}
@@ -272,7 +268,7 @@ def fit(name, block, train, val, args, device, clfs=None):
         dt = time.time() - t0
         extra = "".join(f" | exit mse ({k}) {tot[k] / n:.4f}" for k in clfs)
         print(f"{name} | epoch {epoch:3d}/{args.max_epochs} | train ce {tot['ce'] / n:.4f} | val ppl {ppl:8.3f} "
-              f"| best {best:8.3f} | {1000 * dt / epoch:6.0f} ms/epoch | ETA <= {ee.fmt_time(dt / epoch * (args.max_epochs - epoch))}{extra}")
+              f"| best {best:8.3f} | {1000 * dt / epoch:6.0f} ms/epoch | ETA <= {cli.fmt_time(dt / epoch * (args.max_epochs - epoch))}{extra}")
         if bad >= args.patience:
             print(f"{name} | early stop: no better val PPL for {args.patience} epochs")
             break
@@ -314,7 +310,7 @@ def train_cascade(method, block0, clf0, train, val, cfg, args, device):
             info["es_ppl"].append(fit(f"{NAMES[method]} block {i}", blocks[i], train, val, args, device, joint))
         if i == last:
             break
-        out_tr, out_va = (block_outputs(blocks[i], t, args.batch_size, device) for t in (train, val))
+        out_tr, out_va = (block_outputs(blocks[i], t, args.eval_batch_size, device) for t in (train, val))
         if learned:
             labels = LABELS[label](out_tr["ce"], out_tr["pmax"])[train.live]
             info.setdefault("avg_label", []).append(labels.mean().item())
@@ -326,7 +322,7 @@ def train_cascade(method, block0, clf0, train, val, cfg, args, device):
         train = advance(train, out_tr["h"], ~ee.exit_mask(conf_tr, thr), args.hard_context)
         val = advance(val, out_va["h"], ~ee.exit_mask(conf_va, thr), args.hard_context)
         if not (train.live.any() and val.live.any()):
-            raise ee.EEminiError(f"no hard tokens reach block {i + 1}; use more --num-samples or --hard-ratio")
+            raise ee.EEminiError(f"no hard tokens reach block {i + 1}; use more --train-seqs or --hard-ratio")
         print(f"{NAMES[method]} block {i} | threshold {thr:.4f} | {train.live.sum().item():,} hard training tokens "
               f"-> block {i + 1} ({args.hard_context})")
     return blocks, routers, info
@@ -348,7 +344,7 @@ def cascade_eval(method, blocks, routers, tok, context, args, device):
     correct, exit_at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
     reached, block_ce = [], []
     for i, block in enumerate(blocks):
-        out = block_outputs(block, tok, args.batch_size, device)
+        out = block_outputs(block, tok, args.eval_batch_size, device)
         reached.append(tok.pos[tok.live])
         block_ce.append(out["ce"][tok.live])
         if i == 0:
@@ -407,7 +403,7 @@ def print_tables(results, methods, args):
         print(f"| Metric | {' | '.join(NAMES[m] for m in methods)} | {' | '.join('seed ' + NAMES[m] for m in methods)} |")
         print("|---" * (1 + 2 * len(methods)) + "|")
         for name in cells[methods[0]][t]:
-            seed = [SEED004[name][list(METHODS).index(m)] if name in SEED004 else "" for m in methods]
+            seed = [S004[name][list(METHODS).index(m)] if name in S004 else "" for m in methods]
             print(f"| {name} | {' | '.join(cells[m][t][name] for m in methods)} | {' | '.join(seed)} |")
 
 
@@ -416,7 +412,7 @@ KIND = "eemini-exit-classifier"
 
 def load_cascades(path, device="cpu"):
     """{method: (blocks, routers)} and the vocab from a checkpoint this script wrote."""
-    ckpt = ee.load_checkpoint(path, device)
+    ckpt = ck.load_checkpoint(path, device)
     if ckpt.get("kind") != KIND:
         raise ee.EEminiError(f"{path} was not written by exit_classifier.py")
     cfg, out = ee.GPTConfig(**ckpt["config"]), {}
@@ -429,26 +425,26 @@ def load_cascades(path, device="cpu"):
         nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
             {str(i): c for i, c in clfs.items()})}).load_state_dict(state)
         out[m] = ([b.to(device).eval() for b in blocks], [(clfs.get(i), t) for i, t in enumerate(thr)])
-    return out, ee.Vocab(ckpt["vocab"])
+    return out, Vocab(ckpt["vocab"])
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def main(args):
-    device, t0 = ee.pick_device(args.device), time.time()
+    device, t0 = cli.pick_device(args.device, args.threads), time.time()
     torch.manual_seed(args.seed)
-    vocab, train_ids, held_ids = ee.load_data(args.data, args.num_samples * args.seq_len + 1, args.val_chars)
+    vocab, train_ids, held_ids = load_data(args.data, args.train_seqs * args.seq_len + 1, args.val_chars)
     samples, held = windows(train_ids, args.seq_len), windows(held_ids, args.seq_len)
     n_val = int(len(samples.y) * args.val_ratio)
     if not 0 < n_val < len(samples.y):
         raise ee.EEminiError(f"{len(samples.y)} training sequences cannot be split by --val-ratio {args.val_ratio}; "
-                             f"use more --num-samples")
+                             f"use more --train-seqs")
     perm = torch.randperm(len(samples.y), generator=torch.Generator().manual_seed(args.seed))
     val, train = samples.take(perm[:n_val]), samples.take(perm[n_val:])
     bl = args.block_layers
     cfg = ee.GPTConfig(vocab_size=len(vocab), block_size=args.seq_len, n_layer=sum(bl), n_head=args.n_head,
-                       n_embd=args.n_embd, ffn_dim=args.ffn_dim, exit_layer=bl[0])
+                       n_embd=args.n_embd, ffn_dim=args.ffn_dim, exits=[bl[0]])
     methods = list(METHODS) if args.compare else \
         [m for m, (c, label) in METHODS.items() if c == args.confidence and label in (args.exit_label, None)]
     block0 = CascadeBlock(cfg, bl[0], embed=True).to(device)
@@ -472,11 +468,12 @@ def main(args):
             {str(i): c for i, (c, _) in enumerate(routers) if c is not None})})
     print_tables(results, methods, args)
     saved.config = cfg
-    ee.save_checkpoint(args.out, saved, vocab, kind=KIND, block_layers=bl, methods=methods, args=vars(args),
+    ck.save_checkpoint(args.out, saved, vocab, kind=KIND, block_layers=bl, methods=methods, args=vars(args),
+                       names={m: NAMES[m] for m in methods},
                        thresholds={m: results[m]["thresholds"] for m in methods}, metrics=results)
-    print(f"\ndone in {ee.fmt_time(time.time() - t0)} | saved {args.out}")
+    print(f"\ndone in {cli.fmt_time(time.time() - t0)} | saved {args.out}")
     return results
 
 
 if __name__ == "__main__":
-    ee.run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

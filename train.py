@@ -4,7 +4,7 @@ Train one early-exit GPT with one loss scheme, evaluate it, print the seeds' tab
 Tiny CPU run (about 2 minutes on 2 quiet cores, downloads WikiText-2 once; offline, add --data FOLDER):
     python train.py --loss asym --alpha 0.7
 Seed 002's 4-layer setting (exit after layer 2, weights 0 / 0.7 / 0 / 0.3):
-    python train.py --n-layer 4 --exit-layer 2 --n-embd 32 --n-head 2 --layer-weights 0,0.7,0,0.3
+    python train.py --n-layer 4 --exit-layers 2 --n-embd 32 --n-head 2 --layer-weights 0,0.7,0,0.3
 Bigger, on a GPU (bf16 autocast), or on N GPUs with data parallelism:
     python train.py --n-layer 6 --n-embd 256 --n-head 8 --block-size 256 --max-iters 5000 --compile
     torchrun --standalone --nproc_per_node=4 train.py --n-layer 6 --n-embd 256 --grad-accum 1
@@ -16,61 +16,67 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint as ck
+import cli
 import eemini as ee
+from data import get_batch, load_data
+from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
-RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "compile", "out", "resume", "overwrite")
+RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads", "compile", "out", "resume",
+                "overwrite")
 
 
 def parse_args(argv=None):
-    p = ee.Parser(description=__doc__.split("\n\n")[0], formatter_class=ee.argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="", help="WikiText folder (wiki.{train,valid,test}.raw) or one text file; "
-                   "empty = download wikitext-2-raw-v1 once into ~/.cache/eemini")
-    g.add_argument("--train-chars", type=int, default=500_000, help="characters of the train split to use")
-    g.add_argument("--val-chars", type=int, default=50_000, help="characters of the valid split to evaluate on")
+    p = cli.Parser(__doc__)
+    g = cli.add_data(p, split=False)
+    g.add_argument("--train-chars", type=cli.number(int, 1), default=500_000, help="characters of the train split to use")
     g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, default=3, help="transformer layers")
-    g.add_argument("--n-embd", type=int, default=64, help="width of the residual stream")
-    g.add_argument("--n-head", type=int, default=4, help="attention heads")
-    g.add_argument("--ffn-dim", type=int, default=0, help="MLP hidden width (0 = 4 * n-embd)")
-    g.add_argument("--block-size", type=int, default=128, help="context length in characters")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--n-layer", type=cli.number(int, 1), default=3, help="transformer layers")
+    g.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width of the residual stream")
+    g.add_argument("--n-head", type=cli.number(int, 1), default=4, help="attention heads")
+    g.add_argument("--ffn-dim", type=cli.number(int, 0), default=0, help="MLP hidden width (0 = 4 * n-embd)")
+    g.add_argument("--block-size", type=cli.number(int, 1), default=128, help="context length in characters")
+    g.add_argument("--dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0, help="dropout rate")
     g = p.add_argument_group("early exit")
-    g.add_argument("--exit-layer", type=int, default=1, help="tokens may exit after this layer (1..n_layer-1; "
-                   "0 = a plain GPT without an exit, e.g. seed 000's Standard 1L: --n-layer 1 --exit-layer 0 "
-                   "--loss final)")
+    g.add_argument("--exit-layers", type=cli.comma_list(cli.number(int, 0)), default=[1],
+                   help="exit points, comma list, each in 1..n_layer-1 (0 = a plain GPT without an exit, e.g. "
+                   "seed 000's Standard 1L: --n-layer 1 --exit-layers 0 --loss final)")
     g.add_argument("--loss", default="asym", choices=sorted(ee.LOSSES), help="loss scheme (see README)")
-    g.add_argument("--alpha", type=float, default=0.7, help="weight of the exit's CE in asym / asym_deepsup")
-    g.add_argument("--layer-weights", default="", help="comma list, one weight a layer (e.g. 0,0.7,0,0.3); "
-                   "overrides --loss")
-    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for the routed eval")
+    g.add_argument("--alpha", type=cli.number(float, 0.0, 1.0), default=0.7,
+                   help="weight of the exit's CE in asym / asym_deepsup")
+    g.add_argument("--layer-weights", type=cli.comma_list(cli.number(float, 0.0)), default=[],
+                   help="one loss weight a layer, comma list (e.g. 0,0.7,0,0.3); overrides --loss")
+    g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per step per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (keeps the global batch "
-                   "the same when the number of processes changes)")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warmup, cosine decay)")
-    g.add_argument("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-iters", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--max-iters", type=int, default=2000, help="total optimisation steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="sequences per step per process")
+    g.add_argument("--grad-accum", type=cli.number(int, 1), default=1, help="micro-batches per step (keeps "
+                   "the global batch when the number of processes changes)")
+    g.add_argument("--lr", type=cli.number(float, 0.0), default=3e-3, help="peak learning rate (linear warmup, "
+                   "cosine decay)")
+    g.add_argument("--min-lr", type=cli.number(float, 0.0), default=3e-4, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-iters", type=cli.number(int, 0), default=100, help="linear warmup steps")
+    g.add_argument("--max-iters", type=cli.number(int, 1), default=2000, help="total optimisation steps")
+    g.add_argument("--weight-decay", type=cli.number(float, 0.0), default=0.1, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=cli.number(float, 0.0), default=1.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=1337, help="random seed (init and batches)")
     g = p.add_argument_group("eval / io")
-    g.add_argument("--eval-interval", type=int, default=500, help="evaluate (and save) every N steps")
-    g.add_argument("--log-interval", type=int, default=100, help="print a training line every N steps")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="windows per evaluation batch")
+    g.add_argument("--eval-interval", type=cli.number(int, 1), default=500, help="evaluate (and save) every N steps")
+    g.add_argument("--log-interval", type=cli.number(int, 1), default=100, help="print a training line every N steps")
+    cli.add_eval_batch_size(g)
     g.add_argument("--out", default="ckpt.pt", help="checkpoint to write")
     g.add_argument("--resume", action="store_true", help="continue training from --out")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out (by default train.py "
                    "refuses, so a trained model is never lost)")
-    g.add_argument("--device", default="", help="cuda, mps, cpu ... (empty = autodetect cuda -> mps -> cpu)")
+    cli.add_device(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     args = p.parse_args(argv)
     check_args(p, args)
@@ -78,45 +84,101 @@ def parse_args(argv=None):
 
 
 def check_args(p, args):
-    if not 0.0 <= args.alpha <= 1.0:
-        p.error(f"--alpha {args.alpha} is outside [0, 1]")
-    if not 0.0 <= args.threshold <= 1.0:
-        p.error(f"--threshold {args.threshold} is outside [0, 1]")
-    if not 0 <= args.exit_layer < args.n_layer:
-        p.error(f"--exit-layer {args.exit_layer} must be between 1 and --n-layer - 1 = {args.n_layer - 1} "
-                f"(or 0 for a plain model)")
-    if args.exit_layer == 0 and args.loss in ("aux", "asym", "asym_deepsup") and not args.layer_weights:
-        p.error(f"--loss {args.loss} supervises an exit head: give --exit-layer >= 1")
-    for name in ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "max_iters", "grad_accum",
-                 "eval_interval", "log_interval", "train_chars", "val_chars", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 <= args.dropout < 1.0 or args.ffn_dim < 0:
-        p.error("--dropout must be in [0, 1) and --ffn-dim at least 0")
+    args.exit_layers = sorted(set(args.exit_layers) - {0})
+    if not all(k < args.n_layer for k in args.exit_layers):
+        p.error(f"--exit-layers {','.join(map(str, args.exit_layers))} must each be between 1 and --n-layer - 1 = "
+                f"{args.n_layer - 1} (or 0 for a plain model)")
+    if not args.exit_layers and args.loss in ee.NEEDS_EXIT and not args.layer_weights:
+        p.error(f"--loss {args.loss} supervises an exit head: give --exit-layers 1 or more")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.layer_weights and len(args.layer_weights) != args.n_layer:
+        p.error(f"--layer-weights has {len(args.layer_weights)} entries; --n-layer is {args.n_layer}")
+    if args.layer_weights and not sum(args.layer_weights) > 0:
+        p.error("--layer-weights are all zero: nothing would be trained")
     if args.data:  # recorded in the checkpoint: sweep.py finds it again from any directory
         args.data = str(Path(args.data).resolve())
-    if args.layer_weights:
-        try:
-            args.layer_weights = [float(w) for w in args.layer_weights.split(",")]
-        except ValueError:
-            p.error(f"--layer-weights wants comma-separated numbers, got '{args.layer_weights}'")
-        if not all(math.isfinite(w) for w in args.layer_weights):
-            p.error(f"--layer-weights must be finite numbers, got {args.layer_weights}")
-        if len(args.layer_weights) != args.n_layer:
-            p.error(f"--layer-weights has {len(args.layer_weights)} entries; --n-layer is {args.n_layer}")
 
 
 # ----------------------------------------------------------------------------------------------
+# the steps of a run
 
 
-def get_batch(data, block_size, batch_size, generator, device):
-    """batch_size random windows of data: inputs and next-character targets, (B, T) each."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[i : i + block_size] for i in ix])
-    y = torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+@dataclass
+class Run:
+    """What a training run carries from step to step."""
+    args: object
+    raw: ee.GPT  # the model itself: evaluated and saved
+    model: torch.nn.Module  # what the loop calls: raw, maybe compiled and DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    vocab: object
+    device: str
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    best_val: float = float("inf")
+
+    def log(self, *a, **k):  # rank 0 speaks for every process
+        if self.rank == 0:
+            print(*a, **k)
+
+
+def setup_distributed():
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_device(args, world, local_rank):
+    device = cli.pick_device(args.device, args.threads)
+    if world > 1 and device.startswith("cuda"):  # one GPU a process
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def load_for_resume(args):
+    """The checkpoint at --out and the args to go on with: its own, except the RESUME_KEEPS flags."""
+    ckpt = ck.load_checkpoint(args.out)
+    if "optimizer" not in ckpt:
+        raise ee.EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
+    merged = {**vars(args), **ckpt["args"], **{k: getattr(args, k) for k in RESUME_KEEPS}}
+    return ckpt, type(args)(**merged)
+
+
+def load_text(args, ckpt, rank, world):
+    """The vocabulary, training ids and validation ids; rank 0 reads (and downloads) first."""
+    if world > 1 and rank > 0:
+        dist.barrier()
+    vocab, train_data, val = load_data(args.data, args.train_chars, args.val_chars, verbose=rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    if ckpt is not None and vocab.itos != ckpt["vocab"]:
+        raise ee.EEminiError(f"the training text's characters differ from those of {args.out}; "
+                             f"resume with the same --data and --train-chars")
+    if len(train_data) <= args.block_size + 1:
+        raise ee.EEminiError(f"the training text ({len(train_data)} chars) is shorter than one window of "
+                             f"{args.block_size + 1}; use more --train-chars or a smaller --block-size")
+    return vocab, train_data, val
+
+
+def build_model(args, vocab):
+    weights = ee.layer_weights(args.loss, args.n_layer, args.exit_layers, args.alpha, args.layer_weights or None)
+    return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
+                               exits=args.exit_layers, loss_weights=weights))
+
+
+def configure_optimizer(model, args):
+    """AdamW; weight decay on matrices only (not on gains and biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
 def get_lr(it, args):
@@ -127,51 +189,86 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
-def evaluate(model, val, args, device, thresholds):
+def train_step(run, train_data, gen):
+    """One optimisation step (grad-accum micro-batches). Batches and dropout masks are a function of
+    (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would."""
+    args, lr = run.args, get_lr(run.step, run.args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_seed = args.seed * 1_000_003 + run.step * run.world + run.rank
+    gen.manual_seed(step_seed)
+    torch.manual_seed(step_seed + 500_009)
+    for micro in range(args.grad_accum):
+        x, y = get_batch(train_data, args.block_size, args.batch_size, gen, run.device)
+        sync = micro == args.grad_accum - 1 or run.world == 1
+        with (nullcontext() if sync else run.model.no_sync()), cli.autocast(run.device):
+            logits, loss = run.model(x, y)
+        (loss / args.grad_accum).backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return lr, loss, logits, y
+
+
+def evaluate(run, val, thresholds):
     """Per-head val PPL and the masked router's row at each threshold, from one pass."""
-    with ee.autocast(device):
-        stats = ee.token_stats(model, val, args.eval_batch_size, device)
-    rows = [ee.routed_metrics(stats, t, model.config) for t in thresholds]
-    return ee.layer_ppl(stats), rows
+    with cli.autocast(run.device):
+        stats = token_stats(run.raw, val, run.args.eval_batch_size, run.device)
+    rows = [routed_metrics(stats, t, run.raw.config) for t in thresholds]
+    run.raw.train()  # evaluation switched dropout off
+    return layer_ppl(stats), rows
 
 
-def save_checkpoint(path, model, vocab, optimizer, args, step, best_val, metrics):
-    ee.save_checkpoint(path, model, vocab, args=vars(args), step=step, best_val=best_val, metrics=metrics,
-                       optimizer=optimizer.state_dict(), seed=args.seed)
+def save(run, metrics):
+    ck.save_checkpoint(run.args.out, run.raw, run.vocab, args=vars(run.args), step=run.step, best_val=run.best_val,
+                       metrics=metrics, optimizer=run.optimizer.state_dict(), seed=run.args.seed)
 
 
-def load_for_resume(args):
-    """The checkpoint at --out and the args to go on with: its own, except the RESUME_KEEPS flags."""
-    ckpt = ee.load_checkpoint(args.out)
-    if "optimizer" not in ckpt:
-        raise ee.EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
-    merged = dict(ckpt["args"])
-    merged.update({k: getattr(args, k) for k in RESUME_KEEPS})
-    return ckpt, ee.argparse.Namespace(**merged)
+def eval_and_save(run, val):
+    layers, (r,) = evaluate(run, val, [run.args.threshold])
+    run.best_val = min(run.best_val, math.log(layers[run.raw.config.n_layer]))
+    run.log(f"eval {run.step:6d} | val ppl " + " ".join(f"L{k} {p:.3f}" for k, p in layers.items())
+            + f" | routed@{run.args.threshold:.2f} ppl {r['ppl']:.3f} shallow {r['shallow']:5.1f}% "
+            f"compute {r['compute']:5.1f}% flops {r['flops']:5.1f}%")
+    save(run, {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": r})
 
 
-def setup_distributed():
-    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+def log_step(run, lr, loss, logits, y, timer):
+    """One fixed-width line: step, loss, CE per weighted head, lr, ms/step, tok/s, ETA."""
+    cli.synchronize(run.device)
+    now, n = time.time(), run.step - timer["step"]
+    tokens = run.args.batch_size * run.args.block_size * run.args.grad_accum * run.world
+    speed = (f"{1000 * (now - timer['t']) / n:7.1f} ms | {tokens * n / (now - timer['t']):9,.0f} tok/s | "
+             f"ETA {cli.fmt_time((run.args.max_iters - run.step) * (now - timer['t']) / n)}") if n and now > timer["t"] \
+        else "warm-up step, not timed"
+    timer.update(t=now, step=run.step)
+    with torch.no_grad():
+        ce = " ".join(f"L{k} {F.cross_entropy(lg.float().flatten(0, 1), y.flatten()).item():.4f}" for k, lg in logits.items())
+    run.log(f"step {run.step:6d}/{run.args.max_iters} | loss {loss.item():.4f} | ce {ce} | lr {lr:.2e} | {speed}")
 
 
-def peak_memory(device):
-    if device.startswith("cuda"):
-        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "n/a"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+def train_loop(run, train_data, val):
+    """Steps until max_iters; a log line every log_interval, evaluate + save every eval_interval.
+    Timing starts after this run's first step (warm-up, compilation)."""
+    gen, first, timer = torch.Generator(), run.step, {}
+    while run.step < run.args.max_iters:
+        lr, loss, logits, y = train_step(run, train_data, gen)
+        if run.step == first + 1:
+            cli.synchronize(run.device)
+            timer.update(t=time.time(), step=run.step)
+        if run.step % run.args.log_interval == 0 or run.step == run.args.max_iters:
+            log_step(run, lr, loss, logits, y, timer)
+        if run.rank == 0 and (run.step % run.args.eval_interval == 0 or run.step == run.args.max_iters):
+            eval_and_save(run, val)
+    if run.step == first:
+        run.log(f"nothing to train: the checkpoint is at step {run.step} of --max-iters {run.args.max_iters}")
 
 
 def print_tables(layers, rows, full, shallow, exit_row, cfg):
     """Seed 000's Results and Threshold Analysis tables, measured on this run's model."""
-    L, k, tau = cfg.n_layer, cfg.exit_layer, exit_row["threshold"]
+    L, k, tau = cfg.n_layer, cfg.exits[0] if cfg.exits else 0, exit_row["threshold"]
     print(f"\n## Results (validation, masked routing at threshold {tau})\n")
     print("| Model | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
     named = [(f"Early exit (threshold {tau})", exit_row), (f"Full depth ({L}L)", full), (f"Exit only ({k}L)", shallow)]
@@ -184,8 +281,35 @@ def print_tables(layers, rows, full, shallow, exit_row, cfg):
     for r in rows:
         print(f"| {r['threshold']:.2f} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
     print("\nper-layer val PPL: " + "  ".join(f"L{k} {p:.3f}" for k, p in layers.items()))
-    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head "
-          "(counts exit heads and exited tokens' K/V)")
+    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, and "
+          "exited tokens' K/V where later tokens need it)")
+
+
+def final_report(run, val, t0):
+    """The seeds' tables at the end of training, the true-exit figure beside them, and the save."""
+    cfg = run.raw.config
+    layers, rows = evaluate(run, val, [*TABLE_THRESHOLDS, run.args.threshold, 1.0, 0.0])
+    *table, exit_row, full, shallow = rows
+    print_tables(layers, table, full, shallow, exit_row, cfg)
+    with cli.autocast(run.device):  # the same precision as the masked figures beside it
+        true_exit = exit_metrics(run.raw, val, run.args.threshold, run.args.eval_batch_size, run.device)
+    if cfg.exits:
+        run.log(f"true early exit at threshold {run.args.threshold}: PPL {true_exit['ppl']:.3f} "
+                f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
+    save(run, {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
+               "exit_only": shallow, "thresholds": table, "true_exit": true_exit})
+    run.log(f"done: {run.step} steps in {cli.fmt_time(time.time() - t0)} | best val PPL (full depth) "
+            f"{math.exp(run.best_val):.3f} | peak memory {peak_memory(run.device)} | saved {run.args.out}")
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,128 +320,35 @@ def main(args):
         raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
                              f"or --overwrite to replace it")
     rank, world, local_rank = setup_distributed()
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    ckpt = None
-    if args.resume:
-        ckpt, args = load_for_resume(args)
-    device = ee.pick_device(args.device)
-    if world > 1 and device.startswith("cuda"):  # one GPU a process
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    ckpt, args = load_for_resume(args) if args.resume else (None, args)
+    device = setup_device(args, world, local_rank)
     torch.manual_seed(args.seed)
-
-    if world > 1 and not master:
-        dist.barrier()  # rank 0 reads (and, the first time, downloads) the data first
-    vocab, train_data, val = ee.load_data(args.data, args.train_chars, args.val_chars, verbose=master)
-    if world > 1 and master:
-        dist.barrier()
-    if ckpt is not None and vocab.itos != ckpt["vocab"]:
-        raise ee.EEminiError(f"the training text's characters differ from those of {args.out}; "
-                             f"resume with the same --data and --train-chars")
-    if len(train_data) <= args.block_size + 1:
-        raise ee.EEminiError(f"the training text ({len(train_data)} chars) is shorter than one window of "
-                             f"{args.block_size + 1}; use more --train-chars or a smaller --block-size")
-    weights = ee.layer_weights(args.loss, args.n_layer, args.exit_layer, args.alpha, args.layer_weights or None)
-    cfg = ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
-                       exit_layer=args.exit_layer, head_layers=[k for k in weights if k < args.n_layer])
-    model = ee.GPT(cfg).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    step, best_val = 0, float("inf")
+    vocab, train_data, val = load_text(args, ckpt, rank, world)
+    raw = build_model(args, vocab).to(device)
+    run = Run(args, raw, raw, configure_optimizer(raw, args), vocab, device, rank, world)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        log(f"resuming from step {step} of {args.out}")
-    raw_model = model
+        raw.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step, run.best_val = ckpt["step"], ckpt["best_val"]
+        run.log(f"resuming from step {run.step} of {args.out}")
     if args.compile:
-        model = torch.compile(model)
+        run.model = torch.compile(run.model)
+    cfg = raw.config
     if world > 1:  # a head no loss reaches (the exit head under --loss final) has no gradient
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None,
-                    find_unused_parameters=set(weights) != set(cfg.head_layers) | {cfg.n_layer})
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
-    log(f"device {device} | {world} process(es) | {raw_model.num_params():,} parameters | "
-        f"{tokens_per_step:,} tokens/step | loss {args.loss if not args.layer_weights else 'layer-weights'} "
-        f"weights " + ", ".join(f"L{k}={w:g}" for k, w in weights.items()))
-
-    def eval_and_save(step):
-        nonlocal best_val
-        layers, rows = evaluate(raw_model, val, args, device, [args.threshold])
-        r = rows[0]
-        best_val = min(best_val, math.log(layers[cfg.n_layer]))
-        log(f"eval {step:6d} | val ppl " + " ".join(f"L{k} {p:.3f}" for k, p in layers.items())
-            + f" | routed@{args.threshold:.2f} ppl {r['ppl']:.3f} shallow {r['shallow']:5.1f}% "
-            f"compute {r['compute']:5.1f}% flops {r['flops']:5.1f}%")
-        save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val,
-                        {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": r})
-        raw_model.train()  # evaluation switched dropout off
-
-    gen = torch.Generator()
+        run.model = DDP(run.model, device_ids=[local_rank] if device.startswith("cuda") else None,
+                        find_unused_parameters=set(cfg.loss_weights) != {*cfg.head_layers, cfg.n_layer})
+    run.log(f"device {device} | {world} process(es) | {raw.num_params():,} parameters | "
+            f"{args.batch_size * args.block_size * args.grad_accum * world:,} tokens/step | loss "
+            f"{'layer-weights' if args.layer_weights else args.loss} weights "
+            + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items()))
     t0 = time.time()
-    first_step = t_step = step  # timing starts after this run's first step (warm-up, compilation)
-    while step < args.max_iters:
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # batches and dropout masks are a function of (seed, step, rank): a resumed run continues
-        # exactly as an uninterrupted one would, and never replays the batches it has seen
-        step_seed = args.seed * 1_000_003 + step * world + rank
-        gen.manual_seed(step_seed)
-        torch.manual_seed(step_seed + 500_009)
-        for micro in range(args.grad_accum):
-            x, y = get_batch(train_data, args.block_size, args.batch_size, gen, device)
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), ee.autocast(device):
-                _, loss, ce = model(x, y, weights)
-            (loss / args.grad_accum).backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step == first_step + 1:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t_log, t_step = time.time(), step
-        if step % args.log_interval == 0 or step == args.max_iters:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            now, n = time.time(), step - t_step
-            speed = (f"{1000 * (now - t_log) / n:7.1f} ms | {tokens_per_step * n / (now - t_log):9,.0f} tok/s | "
-                     f"ETA {ee.fmt_time((args.max_iters - step) * (now - t_log) / n)}") if n and now > t_log \
-                else "warm-up step, not timed"
-            t_log, t_step = now, step
-            per_layer = " ".join(f"L{k} {v.item():.4f}" for k, v in ce.items())
-            log(f"step {step:6d}/{args.max_iters} | loss {loss.item():.4f} | ce {per_layer} | lr {lr:.2e} | {speed}")
-        if master and (step % args.eval_interval == 0 or step == args.max_iters):
-            eval_and_save(step)
-
-    if master:
-        if step == first_step:
-            log(f"nothing to train: the checkpoint is at step {step} of --max-iters {args.max_iters}")
-        layers, rows = evaluate(raw_model, val, args, device, [*TABLE_THRESHOLDS, args.threshold, 1.0, 0.0])
-        *table, exit_row, full, shallow = rows
-        print_tables(layers, table, full, shallow, exit_row, cfg)
-        with ee.autocast(device):  # the same precision as the masked figures beside it
-            true_exit = ee.exit_metrics(raw_model, val, args.threshold, args.eval_batch_size, device)
-        if cfg.exits:
-            log(f"true early exit at threshold {args.threshold}: PPL {true_exit['ppl']:.3f} "
-                f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
-        metrics = {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
-                   "exit_only": shallow, "thresholds": table, "true_exit": true_exit}
-        save_checkpoint(args.out, raw_model, vocab, optimizer, args, step, best_val, metrics)
-        log(f"done: {step} steps in {ee.fmt_time(time.time() - t0)} | best val PPL (full depth) "
-            f"{math.exp(best_val):.3f} | peak memory {peak_memory(device)} | saved {args.out}")
+    train_loop(run, train_data, val)
+    if rank == 0:
+        final_report(run, val, t0)
     if world > 1:
         dist.destroy_process_group()
-    return raw_model
+    return raw
 
 
 if __name__ == "__main__":
-    ee.run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

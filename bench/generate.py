@@ -6,7 +6,6 @@ batch; beside the layer-count speedup and the PPL that true early exit costs at 
     python bench/generate.py ckpt.pt --data ../shared/data/wikitext-2
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -15,53 +14,53 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint as ck  # noqa: E402
+import cli  # noqa: E402
 import eemini as ee  # noqa: E402
+import measure  # noqa: E402
+from data import eval_ids  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", nargs="?", default="ckpt.pt", help="checkpoint written by train.py")
-    p.add_argument("--data", default=None, help="data folder or file (default: the checkpoint's)")
-    p.add_argument("--val-chars", type=int, default=50_000, help="validation characters for threshold and PPL")
-    p.add_argument("--batch-sizes", default="1,16", help="comma list of generation batch sizes")
-    p.add_argument("--new-tokens", type=int, default=300, help="characters generated per timed run")
-    p.add_argument("--rounds", type=int, default=10, help="rounds, alternating full depth and early exit")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--device", default="", help="cuda, mps, cpu (empty = autodetect)")
+    p = cli.Parser(__doc__)
+    cli.add_checkpoint(p)
+    cli.add_data(p, from_checkpoint=True)
+    p.add_argument("--batch-sizes", type=cli.comma_list(cli.number(int, 1)), default=[1, 16],
+                   help="generation batch sizes, comma list")
+    p.add_argument("--new-tokens", type=cli.number(int, 1), default=300, help="characters generated per timed run")
+    p.add_argument("--rounds", type=cli.number(int, 1), default=10, help="rounds, alternating full depth and early exit")
+    cli.add_device(p)
     return p.parse_args(argv)
 
 
 def tokens_per_s(model, prompt, new, threshold, device, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    cli.synchronize(device)
     t0 = time.perf_counter()
-    with ee.autocast(device):
+    with cli.autocast(device):
         _, depths = model.generate(prompt, new, threshold, temperature=1.0, generator=gen)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    cli.synchronize(device)
     return prompt.size(0) * new / (time.perf_counter() - t0), depths
 
 
 def main(args):
-    device = ee.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ckpt = ee.load_checkpoint(args.ckpt, device)
-    model, vocab = ee.model_from_checkpoint(ckpt, device)
+    device = cli.pick_device(args.device, args.threads)
+    ckpt = ck.load_checkpoint(args.checkpoint, device)
+    model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg = model.config
-    text, source = ee.read_split(args.data or ckpt["args"]["data"], "valid")
-    val = vocab.encode(text[: args.val_chars])
-    stats = ee.token_stats(model, val, 64, device)
-    tau = round(stats["conf"]["softmax"][cfg.exit_layer].median().item(), 3)  # ~50% exit on val text
-    full, exit_row = ee.exit_metrics(model, val, 1.0, 64, device), ee.exit_metrics(model, val, tau, 64, device)
-    print(f"device {device} ({torch.get_num_threads()} threads) | {args.ckpt}: {cfg.n_layer} layers, exit after {cfg.exit_layer}, n_embd {cfg.n_embd} "
-          f"| threshold {tau} (median exit confidence on {len(val):,} chars of {source})")
+    trained = ckpt.get("args") or {}
+    val, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
+                           args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    stats = measure.token_stats(model, val, 64, device)
+    tau = round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)  # ~50% exit on val text
+    full, exit_row = measure.exit_metrics(model, val, 1.0, 64, device), measure.exit_metrics(model, val, tau, 64, device)
+    print(f"device {device} ({torch.get_num_threads()} threads) | {args.checkpoint}: {cfg.n_layer} layers, exit after "
+          f"{cfg.exits[0]}, n_embd {cfg.n_embd} | threshold {tau} (median exit confidence on {len(val):,} chars of {source})")
     print(f"true-exit PPL: full depth {full['ppl']:.3f} -> early exit {exit_row['ppl']:.3f} "
           f"({100 * (exit_row['ppl'] / full['ppl'] - 1):+.1f}%), shallow {exit_row['shallow']:.1f}%")
     print("| batch | full depth tok/s | early exit tok/s | speedup | shallow | layer-count speedup | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
+    for bs in args.batch_sizes:
         prompt = val[:32].to(device).repeat(bs, 1)
         fast, slow, depths = [], [], None
         for r in range(args.rounds + 1):  # round 0 warms up
@@ -79,4 +78,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_cli(main, parse_args)

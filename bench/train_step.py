@@ -7,7 +7,6 @@ The exit head is real extra work: with a character vocabulary it can cost a good
     python bench/train_step.py --n-embd 256 --n-layer 6 --block-size 256 --device cuda
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -16,57 +15,57 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-layer", type=int, default=3, help="layers")
-    p.add_argument("--n-embd", type=int, default=64, help="width")
-    p.add_argument("--n-head", type=int, default=4, help="heads")
-    p.add_argument("--block-size", type=int, default=128, help="context")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    p.add_argument("--vocab-size", type=int, default=170, help="vocabulary (WikiText-2 train head: 170)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=15, help="rounds, alternating the two models")
-    p.add_argument("--device", default="", help="cuda, mps, cpu (empty = autodetect)")
+    p = cli.Parser(__doc__)
+    p.add_argument("--n-layer", type=cli.number(int, 2), default=3, help="layers")
+    p.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width")
+    p.add_argument("--n-head", type=cli.number(int, 1), default=4, help="heads")
+    p.add_argument("--block-size", type=cli.number(int, 1), default=128, help="context")
+    p.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="sequences per step")
+    p.add_argument("--vocab-size", type=cli.number(int, 2), default=170, help="vocabulary (WikiText-2 train head: 170)")
+    p.add_argument("--steps", type=cli.number(int, 1), default=20, help="timed steps per round")
+    p.add_argument("--rounds", type=cli.number(int, 1), default=15, help="rounds, alternating the two models")
+    cli.add_device(p)
     return p.parse_args(argv)
 
 
-def time_steps(model, weights, x, y, opt, steps, device):
+def time_steps(model, x, y, opt, steps, device):
     def step():
-        with ee.autocast(device):
-            _, loss, _ = model(x, y, weights)
+        with cli.autocast(device):
+            _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up, not timed
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    cli.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    cli.synchronize(device)
     return 1000 * (time.perf_counter() - t0) / steps
 
 
 def main(args):
-    device = ee.pick_device(args.device)
-    cfg = ee.GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, exit_layer=1)
+    device = cli.pick_device(args.device, args.threads)
+    shape = dict(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                 n_embd=args.n_embd)
+    configs = {"early exit (asym)": ee.GPTConfig(**shape, exits=[1]),
+               "plain GPT (one head)": ee.GPTConfig(**shape, exits=[])}
     torch.manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
-    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
-    runs = {"early exit (asym)": ee.layer_weights("asym", cfg.n_layer, 1, 0.7),
-            "plain GPT (one head)": ee.layer_weights("final", cfg.n_layer, 1)}
-    models = {name: ee.GPT(cfg).to(device).train() for name in runs}
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
+    y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
+    models = {name: ee.GPT(cfg).to(device).train() for name, cfg in configs.items()}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    ms = {name: [] for name in runs}
+    ms = {name: [] for name in configs}
     for _ in range(args.rounds):
-        for name, weights in runs.items():
-            ms[name].append(time_steps(models[name], weights, x, y, opts[name], args.steps, device))
+        for name in configs:
+            ms[name].append(time_steps(models[name], x, y, opts[name], args.steps, device))
+    cfg = configs["early exit (asym)"]
     layer, head, _ = ee.flops_per_token(cfg)
     flop_ratio = (cfg.n_layer * layer + 2 * head) / (cfg.n_layer * layer + head)
     a, b = (statistics.median(v) for v in ms.values())
@@ -79,4 +78,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_cli(main, parse_args)

@@ -41,12 +41,39 @@ def wiki_folder(tmp_path):
 
 
 def make_model(seed=0, **kw):
+    """A tiny random GPT (3 layers, exit after layer 1 unless kw says otherwise), in eval mode."""
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=23, block_size=16, n_layer=3, n_head=2, n_embd=16, exit_layer=1)
+    cfg = dict(vocab_size=23, block_size=16, n_layer=3, n_head=2, n_embd=16, exits=[1])
     cfg.update(kw)
     return ee.GPT(ee.GPTConfig(**cfg)).eval()
+
+
+def mid_threshold(model, x, exit_layer=None):
+    """The median exit confidence on x: a threshold at which about half the tokens exit."""
+    exit_logits = model.forward_all_layers(x)[exit_layer or model.config.exits[0]]
+    return ee.conf_softmax(exit_logits).median().item()
 
 
 TINY_TRAIN = ["--n-layer", "3", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8",
               "--max-iters", "6", "--eval-interval", "3", "--log-interval", "3", "--warmup-iters", "2",
               "--val-chars", "1000", "--device", "cpu"]
+
+
+def cli_error(main, parse_args, argv):
+    """The one-line message a script prints for bad input (SystemExit, never a traceback)."""
+    import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main, lambda: parse_args(argv))
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
+def flag_error(parse_args, argv, capsys):
+    """The one line argparse prints for a bad flag (exit code 2)."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err

@@ -1,4 +1,5 @@
-"""Model, loss schemes, routing and true early exit against hand-computed references.
+"""eemini.py: loss schemes, routing, true early exit, the KV cache, generation and compute accounting,
+each against a reference computed another way (by hand, or by a slower independent implementation).
 
 Run: python -m pytest tests/test_model.py -q
 """
@@ -10,13 +11,7 @@ import torch
 from torch.nn import functional as F
 
 import eemini as ee
-from conftest import make_model
-
-
-def mid_threshold(model, x):
-    """The median exit confidence on x: a threshold at which about half the tokens exit."""
-    exit_logits = model.forward_all_layers(x)[model.config.exit_layer]
-    return ee.conf_softmax(exit_logits).median().item()
+from conftest import make_model, mid_threshold
 
 # ---------------------------------------------------------------------------------------------
 # loss schemes: a two-token vocabulary, where each layer's CE is known in closed form
@@ -44,37 +39,47 @@ def hand_ce():
     ("asym_deepsup", 0.7, 0.7 * LN2 + 1.0 * LN4 + 0.3 * LN4_3),
 ])
 def test_loss_schemes_against_hand_computation(loss, alpha, want):
-    weights = ee.layer_weights(loss, n_layer=3, exit_layer=1, alpha=alpha)
+    weights = ee.layer_weights(loss, n_layer=3, exits=[1], alpha=alpha)
     assert ee.weighted_loss(hand_ce(), weights).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_asym_at_half_is_aux():
-    assert ee.layer_weights("asym", 3, 1, 0.5) == ee.layer_weights("aux", 3, 1, 0.9)
+    assert ee.layer_weights("asym", 3, [1], 0.5) == ee.layer_weights("aux", 3, [1], 0.9)
 
 
 def test_layer_weight_list_expresses_seed_002():
-    assert ee.layer_weights("final", 4, 2, weights=[0, 0.7, 0, 0.3]) == {2: 0.7, 4: 0.3}
+    assert ee.layer_weights("final", 4, [2], weights=[0, 0.7, 0, 0.3]) == {2: 0.7, 4: 0.3}
     # and reproduces asym at exit layer 2 of 4 exactly
-    assert ee.layer_weights("asym", 4, 2, 0.7) == pytest.approx({2: 0.7, 4: 0.3})
+    assert ee.layer_weights("asym", 4, [2], 0.7) == pytest.approx({2: 0.7, 4: 0.3})
 
 
 def test_model_loss_is_weighted_ce_of_its_own_logits():
-    model = make_model(n_layer=4, exit_layer=2, head_layers=[1, 2, 3])
+    weights = ee.layer_weights("asym_deepsup", 4, [2], 0.7)
+    model = make_model(n_layer=4, exits=[2], loss_weights=weights)
     x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))
-    weights = ee.layer_weights("asym_deepsup", 4, 2, 0.7)
-    logits, loss, ce = model(x, y, weights)
+    logits, loss = model(x, y)  # the nanoGPT call: the loss weights come from the config
     want = sum(w * F.cross_entropy(logits[k].flatten(0, 1), y.flatten()) for k, w in weights.items())
+    assert set(logits) == {1, 2, 3, 4} and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    default = make_model()  # a bare config trains the quick start's scheme: asym, alpha 0.7
+    assert default.config.loss_weights == pytest.approx({1: 0.7, 3: 0.3})
+    logits, loss = default(x, y)
+    want = 0.7 * F.cross_entropy(logits[1].flatten(0, 1), y.flatten()) + 0.3 * F.cross_entropy(logits[3].flatten(0, 1), y.flatten())
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert set(ce) == {1, 2, 3, 4}
 
 
-def test_forward_train_and_all_layers_agree():
-    model = make_model(head_layers=[2])
+def test_heads_are_read_off_the_states_after_their_layer():
+    """forward, forward_all_layers and forward_train against blocks and heads applied by hand."""
+    model = make_model(loss_weights={2: 1.0, 3: 1.0})  # a head after layers 1 (the exit), 2 and 3
     x = torch.randint(0, 23, (2, 16))
-    all_layers = model.forward_all_layers(x)
+    h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+    want = {}
+    for k, block in enumerate(model.transformer.h, 1):
+        h = block(h)
+        want[k] = model.exit_heads[str(k)](h) if k < 3 else model.lm_head(model.transformer.ln_f(h))
+    got = model.forward_all_layers(x)
+    assert sorted(got) == [1, 2, 3] and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
     shallow, deep = model.forward_train(x)
-    assert sorted(all_layers) == [1, 2, 3]
-    assert torch.equal(shallow, all_layers[1]) and torch.equal(deep, all_layers[3])
+    assert torch.allclose(shallow, want[1], atol=1e-6) and torch.allclose(deep, want[3], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,20 +136,6 @@ def test_route_endpoints_even_when_softmax_rounds_to_one():
         ee.route(logits, 1.5, [1])
 
 
-def test_compute_percent_formula():
-    L, k = 4, 2
-    depth = torch.tensor([k] * 3 + [L] * 7)  # 30% shallow
-    assert ee.compute_percent(depth, L) == pytest.approx(100 * (0.3 * k / L + 0.7))
-
-
-def test_flops_percent_counts_heads_and_kv():
-    cfg = ee.GPTConfig(vocab_size=100, block_size=64, n_layer=3, n_embd=32, n_head=2, exit_layer=1)
-    layer, head, kv = ee.flops_per_token(cfg)
-    full = 3 * layer + head
-    assert ee.flops_percent(torch.tensor([3]), cfg) == pytest.approx(100 * (3 * layer + 2 * head) / full)
-    assert ee.flops_percent(torch.tensor([1]), cfg) == pytest.approx(100 * (layer + head + 2 * kv) / full)
-
-
 def test_other_confidence_measures_are_in_unit_interval():
     logits = torch.randn(4, 7, 11) * 3
     for name, fn in ee.CONFIDENCE.items():
@@ -158,20 +149,40 @@ def test_other_confidence_measures_are_in_unit_interval():
     assert ee.conf_margin(uniform).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_routed_metrics_match_a_direct_routed_evaluation():
-    model = make_model()
-    data = torch.randint(0, 23, (16 * 6 + 1,))
-    stats = ee.token_stats(model, data, batch_size=4)
-    thr = stats["conf"]["softmax"][1].median().item()
-    row = ee.routed_metrics(stats, thr, model.config)
-    x, y = data[:-1].view(6, 16), data[1:].view(6, 16)
-    routed, depth, _ = ee.route(model.forward_all_layers(x), thr, [1])
-    assert row["ppl"] == pytest.approx(math.exp(F.cross_entropy(routed.flatten(0, 1), y.flatten()).item()), rel=1e-5)
-    assert row["shallow"] == pytest.approx(100 * (depth < 3).float().mean().item())
-
-
 # ---------------------------------------------------------------------------------------------
-# true early exit
+# true early exit against an independent reference
+
+
+def reference_exit(model, idx, threshold):
+    """True early exit the slow, obvious way: run every block on every token, and after each exit
+    point freeze the tokens confident enough to leave (put their state back after every later
+    block). A frozen token's K/V in a later block then comes from its frozen state, as it must."""
+    cfg = model.config
+    x = model.embed(idx)
+    frozen = torch.zeros(idx.shape, dtype=torch.bool)
+    depth, out = torch.full(idx.shape, cfg.n_layer), None
+    for k, block in enumerate(model.transformer.h, 1):
+        x = torch.where(frozen.unsqueeze(-1), x, block(x))
+        if k in cfg.exits:
+            logits = model.head(k, x)
+            leave = ~frozen & ee.exit_mask(ee.conf_softmax(logits), threshold)
+            out = logits if out is None else torch.where(leave.unsqueeze(-1), logits, out)
+            depth, frozen = depth.masked_fill(leave, k), frozen | leave
+    final = model.head(cfg.n_layer, x)
+    return torch.where(frozen.unsqueeze(-1), out, final) if out is not None else final, depth
+
+
+@pytest.mark.parametrize("exits", [[1], [2], [1, 2]])
+def test_true_exit_matches_the_independent_reference(exits):
+    model = make_model(n_layer=4, exits=exits)
+    x = torch.randint(0, 23, (3, 16))
+    mid = mid_threshold(model, x, exits[-1])
+    for thr in (0.0, mid, 1.0):
+        logits, depth, _ = model.forward_exit(x, thr)
+        want, want_depth = reference_exit(model, x, thr)
+        assert torch.equal(depth, want_depth)
+        assert torch.allclose(logits, want, atol=1e-6)
+        assert thr != mid or 0 < (depth < 4).sum() < 48  # some exit, some go deep
 
 
 def test_exit_mode_endpoints_equal_full_and_shallow_models():
@@ -184,9 +195,9 @@ def test_exit_mode_endpoints_equal_full_and_shallow_models():
     assert (depth == 1).all() and torch.allclose(shallow, logits[1], atol=1e-6)
 
 
-def test_exit_mode_freezes_exited_states():
-    """A hard token's deep layers see exited tokens' frozen exit-layer states: this differs from
-    masked routing wherever an earlier token exited."""
+def test_exit_mode_differs_from_masked_only_for_deep_tokens_after_an_exit():
+    """A deep token's later layers see earlier exited tokens' frozen states (true exit) instead of
+    their deep states (masked): the same logits wherever no earlier token of the row exited."""
     model = make_model()
     x = torch.randint(0, 23, (2, 16))
     thr = mid_threshold(model, x)
@@ -194,13 +205,16 @@ def test_exit_mode_freezes_exited_states():
     masked, mdepth, _ = ee.route(model.forward_all_layers(x), thr, [1])
     assert torch.equal(depth, mdepth)  # the single exit decision is the same in both modes
     shallow = depth < 3
-    assert torch.equal(true_exit[shallow], masked[shallow])
-    assert not torch.allclose(true_exit[~shallow], masked[~shallow], atol=1e-4)
+    exited_before = (shallow.long().cumsum(1) - shallow.long()) > 0  # an earlier token of the row exited
+    same = shallow | ~exited_before
+    assert torch.allclose(true_exit[same], masked[same], atol=1e-5)
+    differs = (true_exit - masked).abs().amax(-1) > 1e-4
+    assert differs[~same].all() and (~same).any()
 
 
 @pytest.mark.parametrize("where", ["none", "half", "all"])
 def test_batch_exit_equals_cached_token_by_token(where):
-    model = make_model(n_layer=4, exit_layer=2)
+    model = make_model(n_layer=4, exits=[2])
     x = torch.randint(0, 23, (3, 16))
     thr = {"all": 0.0, "half": mid_threshold(model, x), "none": 1.0}[where]
     batch, bdepth, _ = model.forward_exit(x, thr)
@@ -211,6 +225,24 @@ def test_batch_exit_equals_cached_token_by_token(where):
     cached = torch.cat([s[0] for s in steps], 1)
     assert torch.equal(torch.cat([s[1] for s in steps], 1), bdepth)
     assert torch.allclose(cached, batch, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_prefill_into_a_nonempty_cache_equals_batch(seed):
+    """Chunks of random sizes (several tokens each, some exiting) appended to a cache that already
+    holds text, some of it as pending K/V: the same logits and depths as one batch pass."""
+    model = make_model(n_layer=4, exits=[1, 2], seed=seed)
+    x = torch.randint(0, 23, (2, 16), generator=torch.Generator().manual_seed(seed))
+    thr = mid_threshold(model, x)
+    batch, bdepth, _ = model.forward_exit(x, thr)
+    cuts = sorted(torch.randperm(15, generator=torch.Generator().manual_seed(seed))[:4].add(1).tolist())
+    cache, outs, depths = ee.new_cache(4), [], []
+    for a, b in zip([0, *cuts], [*cuts, 16]):
+        logits, depth, _ = model.forward_exit(x[:, a:b], thr, cache=cache)
+        outs.append(logits)
+        depths.append(depth)
+    assert torch.equal(torch.cat(depths, 1), bdepth) and 0 < (bdepth < 4).sum() < 32
+    assert torch.allclose(torch.cat(outs, 1), batch, atol=1e-5)
 
 
 def test_lazy_kv_of_exited_tokens_matches_batch():
@@ -244,7 +276,7 @@ def test_lazy_kv_of_exited_tokens_matches_batch():
 def test_batched_decoding_equals_each_row_alone():
     """Rows of a batch decode independently: with a per-step threshold that sometimes sends every
     row out (pending K/V), sometimes none and sometimes some, batch 3 == each row at batch 1."""
-    model = make_model(n_layer=4, exit_layer=2)
+    model = make_model(n_layer=4, exits=[2])
     x = torch.randint(0, 23, (3, 16))
     mid = mid_threshold(model, x)
     schedule = [0.0, 0.0, mid, 1.0, mid, 0.0, mid, mid, 1.0, 0.0, 0.0, mid, mid, mid, 1.0, mid]
@@ -293,23 +325,55 @@ def test_sequence_longer_than_context_is_a_clear_error():
 
 
 def test_bad_config_is_a_clear_error():
-    with pytest.raises(ee.EEminiError, match="exit layer"):
-        ee.GPTConfig(n_layer=3, exit_layer=3)
+    with pytest.raises(ee.EEminiError, match="exit layers"):
+        ee.GPTConfig(n_layer=3, exits=[3])
     with pytest.raises(ee.EEminiError, match="alpha"):
-        ee.layer_weights("asym", 3, 1, alpha=1.2)
+        ee.layer_weights("asym", 3, [1], alpha=1.2)
+    with pytest.raises(ee.EEminiError, match="supervises an exit head"):
+        ee.layer_weights("asym", 3, [])
 
 
 def test_overfit_one_batch():
     model = make_model().train()
     x = torch.randint(0, 23, (4, 16))
     y = torch.roll(x, -1, 1)
-    weights = ee.layer_weights("asym", 3, 1, 0.7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
     for _ in range(150):
-        _, loss, _ = model(x, y, weights)
+        _, loss = model(x, y)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
+
+
+# ---------------------------------------------------------------------------------------------
+# compute accounting
+
+
+def test_compute_percent_formula():
+    L, k = 4, 2
+    depth = torch.tensor([k] * 3 + [L] * 7)  # 30% shallow
+    assert ee.compute_percent(depth, L) == pytest.approx(100 * (0.3 * k / L + 0.7))
+
+
+def test_kv_layers_counts_only_what_later_tokens_need():
+    # L = 4, one window: token 0 exits at 1 and token 2 reaches 3 -> token 0 computes K/V in 2, 3;
+    # token 1 exits at 2, token 2 reaches 3 -> K/V in 3; token 3 exits at 1, token 4 runs layer 2 ->
+    # K/V in 2; token 4 is the last: nobody reads its K/V
+    depth = torch.tensor([[1, 2, 3, 1, 2]])
+    assert ee.kv_layers(depth, 4).tolist() == [[2, 1, 0, 1, 0]]
+    assert ee.kv_layers(torch.tensor([[1, 4, 1, 1]]), 4).tolist() == [[3, 0, 0, 0]]
+
+
+def test_flops_percent_counts_heads_and_the_kv_that_is_computed():
+    cfg = ee.GPTConfig(vocab_size=100, block_size=4, n_layer=3, n_embd=32, n_head=2, exits=[1])
+    layer, head, kv = ee.flops_per_token(cfg)
+    full = 3 * layer + head
+    assert ee.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg) == pytest.approx(100 * (3 * layer + 2 * head) / full)
+    # threshold 0: nobody goes deep, so no exited token's K/V is ever needed above the exit
+    assert ee.flops_percent(torch.tensor([[1, 1, 1, 1]]), cfg) == pytest.approx(100 * (layer + head) / full)
+    # one exited token before a deep one: its K/V in layers 2 and 3
+    mixed = (layer + head + 2 * kv) + (3 * layer + 2 * head) + 2 * (layer + head)
+    assert ee.flops_percent(torch.tensor([[1, 3, 1, 1]]), cfg) == pytest.approx(100 * mixed / 4 / full)

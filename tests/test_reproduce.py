@@ -1,4 +1,5 @@
-"""reproduce.py: mean ± std against a hand computation, a --quick run on tiny data, resuming.
+"""reproduce.py: mean ± std against a hand computation, the verdict rules on hand-made cases, a --quick
+run on tiny data (each model trained by its own train.py / exit_classifier.py process), resuming.
 
 Run: python -m pytest tests/test_reproduce.py -q   (about 30 s on 2 CPU cores)
 """
@@ -9,13 +10,12 @@ import math
 
 import pytest
 
-import exit_classifier
 import reproduce
-import train
+from seeds import CLAIMS
 
-TINY = ["--quick", "--max-iters", "4", "--val-chars", "600", "--device", "cpu",
+TINY = ["--quick", "--jobs", "2", "--max-iters", "4", "--val-chars", "600", "--device", "cpu",
         "--train-args", "--n-embd 16 --n-head 2 --block-size 16 --batch-size 8 --warmup-iters 2",
-        "--ec-args", "--num-samples 60 --seq-len 8 --n-embd 16 --n-head 2 --ffn-dim 32 --batch-size 16 "
+        "--ec-args", "--train-seqs 60 --seq-len 8 --n-embd 16 --n-head 2 --ffn-dim 32 --batch-size 16 "
         "--max-epochs 1 --exit-epochs 1 --exit-hidden 8"]
 
 
@@ -28,25 +28,43 @@ def test_aggregate_is_mean_and_sample_std():
     assert reproduce.aggregate([{"a": 5.0}])["a"] == (5.0, 0.0, 1)  # one seed: std 0, not NaN
 
 
-def test_flatten_cells_and_verdicts():
+def test_flatten_and_cells():
     nested = {"loss": {"block_ppl": [3, 2.5], "name": "x", "flag": True}, "final_ppl": 7}
     assert reproduce.flatten(nested) == {"loss/block_ppl/0": 3.0, "loss/block_ppl/1": 2.5, "final_ppl": 7.0}
     assert reproduce.fmt((14.5, 0.25, 3), 14.51) == "14.50 ± 0.25 [14.51]"
     assert reproduce.fmt((52.34, 1.0, 3), 52.3, 1, "%") == "52.3 ± 1.0% [52.3%]"
     assert reproduce.fmt(None, 35.29) == "— [35.29]"
-    assert reproduce.below((1.0, 0.1, 3), (2.0, 0.1, 3)) == "supported"
-    assert reproduce.below((2.0, 0.1, 3), (1.0, 0.1, 3)) == "not supported"
-    assert reproduce.below((1.0, 0.5, 3), (1.2, 0.5, 3)).startswith("inconclusive")
+
+
+def test_verdict_rules_on_hand_made_cases():
+    lo, hi, fuzzy = (1.0, 0.1, 3), (2.0, 0.1, 3), (1.2, 0.5, 3)
+    assert reproduce.below(lo, hi) == "supported" and reproduce.below(hi, lo) == "not supported"
+    assert reproduce.below(lo, fuzzy).startswith("inconclusive")
     # a claim with a size: the right direction at under half of it is "direction only"
-    assert reproduce.sized("supported", -2.1, -34.2).startswith("direction only")
-    assert reproduce.sized("supported", -20.0, -34.2) == "supported"
-    assert reproduce.sized("inconclusive (within noise)", -2.1, -34.2).startswith("inconclusive")
-    assert reproduce.all_of(["supported", "supported"]) == "supported"
-    assert reproduce.all_of(["supported", "inconclusive (within noise)"]).startswith("inconclusive")
-    assert reproduce.all_of(["supported", "not supported"]) == "not supported"
+    assert reproduce.RULES["lower"]([lo, hi], -50.0)[0] == "supported"  # -50% measured, -50% claimed
+    assert reproduce.RULES["lower"]([(1.9, 0.01, 3), (2.0, 0.01, 3)], -34.2)[0].startswith("direction only (-5.0%")
+    assert reproduce.RULES["saves"]([(65.0, 1.0, 3)], 34.8)[0] == "supported"  # 35% saved (+- 1)
+    assert reproduce.RULES["saves"]([(96.0, 0.1, 3)], 34.8)[0].startswith("direction only")
+    assert reproduce.RULES["falls"]([hi, fuzzy, lo], None)[0] == "supported"
+    assert reproduce.RULES["falls"]([hi, lo, fuzzy], None)[0] == "partly (not at every step)"
+    assert reproduce.RULES["order"]([lo, hi, (3.0, 0.1, 3)], None)[0] == "supported"
+    assert reproduce.RULES["lowest"]([lo, hi, fuzzy], None)[0].startswith("inconclusive")
+    assert reproduce.RULES["highest"]([(3.0, 0.1, 3), lo, hi], None)[0] == "supported"
+    assert reproduce.RULES["at_most"]([(3.0, 0.1, 3), (4.9, 0.1, 3)], 5.0)[0] == "supported"
+    assert reproduce.RULES["at_most"]([(5.1, 0.1, 3)], 5.0)[0] == "not supported"
+    assert reproduce.RULES["bumpy"]([lo, hi, lo], None)[0] == "supported"
+    assert reproduce.RULES["bumpy"]([lo, hi, (3.0, 0.1, 3)], None)[0] == "not supported"
+    assert reproduce.RULES["any_lower"]([hi, fuzzy, lo], None)[0] == "supported"
+    assert reproduce.RULES["not_above"]([hi, lo], None)[0] == "not supported"
+    assert {rule for _, _, rule, _, _ in CLAIMS} <= set(reproduce.RULES)
 
 
-def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, capsys, monkeypatch):
+def test_findings_say_which_runs_a_claim_misses():
+    rows = reproduce.findings(lambda name, key: None)
+    assert len(rows) == len(CLAIMS) and all(r[2] == "not measured" and r[3].startswith("missing: ") for r in rows)
+
+
+def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--data", str(wiki_folder), "--out-dir", str(out), *TINY]
     records = reproduce.main(reproduce.parse_args(argv))
@@ -58,6 +76,7 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
         assert heading in text, heading
     for seed_figure in ("[23.98]", "[34.86]", "[35.29]", "[28.13]", "[14.04]", "[24.88]", "[32.07]", "[1071.76]"):
         assert seed_figure in text, seed_figure
+    assert "not measured" not in text  # every claim found its runs
     # a cell is the figure measured by that run (one seed: std 0), beside the seed's
     aux = json.loads((out / "aux-seed0.json").read_text())["metrics"]
     assert f"| Auxiliary Loss (Early Exit) | {aux['masked/0.95/ppl']:.2f} ± 0.00 [23.98] |" in text
@@ -66,15 +85,14 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     assert float(rows["aux", "full/ppl"]["mean"]) == pytest.approx(aux["full/ppl"], rel=1e-5)
     assert "seed004" in {m for m, _ in rows}
 
-    def trains_nothing(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(train, "main", trains_nothing)
-    monkeypatch.setattr(exit_classifier, "main", trains_nothing)
     capsys.readouterr()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
     (out / "aux-seed0.json").unlink()  # its checkpoint is finished: measured again, not retrained
     reproduce.main(reproduce.parse_args(argv))
     printed = capsys.readouterr().out
     assert printed.count("finished earlier, skipped") == len(reproduce.RUNS) - 1
     assert "] aux seed 0 |" in printed and "ETA" in printed
+    assert "nothing to train" in (out / "aux-seed0.log").read_text()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt") if p.name != "aux-seed0.pt"} == \
+        {k: v for k, v in stamps.items() if k != "aux-seed0.pt"}
     assert json.loads((out / "aux-seed0.json").read_text())["metrics"]["full/ppl"] == pytest.approx(aux["full/ppl"])

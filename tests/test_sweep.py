@@ -1,4 +1,5 @@
-"""sweep.py against direct routed evaluation, the oracle against brute force, files, bad input.
+"""measure.py and sweep.py: rows against direct routed evaluation, the oracle against brute force,
+files, the checkpoint's name for its loss, bad input.
 
 Run: python -m pytest tests/test_sweep.py -q
 """
@@ -13,11 +14,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import checkpoint as ck
 import eemini as ee
+import measure
 import sweep
 import train
-from conftest import TINY_TRAIN, make_model, tiny_text
-from test_train import cli_error
+from conftest import TINY_TRAIN, cli_error, flag_error, make_model, tiny_text
+from data import Vocab, eval_windows, read_split
 
 THRESHOLDS = "0,0.3,0.5,0.7,0.9,1"
 
@@ -40,7 +43,7 @@ def run_sweep(*argv):
 def direct_routed(model, ids, threshold, confidence):
     """Reference: route every batch's logits (ee.route), then CE, shallow and compute by hand."""
     ce, depth, L = [], [], model.config.n_layer
-    for x, y in ee.eval_windows(ids, model.config.block_size, 7):
+    for x, y in eval_windows(ids, model.config.block_size, 7):
         logits, d, _ = ee.route(model.forward_all_layers(x), threshold, model.config.exits, confidence)
         ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
         depth.append(d.flatten())
@@ -51,8 +54,8 @@ def direct_routed(model, ids, threshold, confidence):
 @pytest.mark.parametrize("confidence", sorted(ee.CONFIDENCE))
 def test_rows_equal_direct_routed_evaluation(ckpts, confidence, capsys):
     res = run_sweep(ckpts / "asym.pt", "--thresholds", THRESHOLDS, "--confidence", confidence, "--device", "cpu")
-    model, vocab = ee.model_from_checkpoint(ee.load_checkpoint(ckpts / "asym.pt"))
-    text, _ = ee.read_split(ckpts / "tiny.txt", "valid")  # the data recorded in the checkpoint
+    model, vocab = ck.model_from_checkpoint(ck.load_checkpoint(ckpts / "asym.pt"))
+    text, _ = read_split(ckpts / "tiny.txt", "valid")  # the data recorded in the checkpoint
     ids = vocab.encode(text[:1000])  # and its --val-chars
     assert len(res["rows"]) == 6 and res["tokens"] == (len(ids) - 1) // 16 * 16
     for r in res["rows"]:
@@ -78,13 +81,13 @@ def test_oracle_is_brute_force_best_and_beats_the_confidence_curve(ckpts):
     """Every subset of 8 tokens sent deep: the oracle's CE is the lowest for each subset size."""
     g = torch.Generator().manual_seed(0)
     stats = {"ce": {1: torch.rand(8, generator=g) * 3, 3: torch.rand(8, generator=g) * 3}}
-    cfg = ee.GPTConfig(n_layer=3, exit_layer=1)
-    orc = sweep.oracle_ce(stats, cfg)
+    cfg = ee.GPTConfig(n_layer=3, exits=[1])
+    orc = measure.oracle_ce(stats, cfg)
     for n in range(9):
         best = min((stats["ce"][1].sum() - sum(stats["ce"][1][i] - stats["ce"][3][i] for i in deep)).item() / 8
                    for deep in itertools.combinations(range(8), n))
         assert orc[n].item() == pytest.approx(best, rel=1e-6)
-    assert sweep.oracle_compute(0, 8, cfg) == pytest.approx(100 / 3) and sweep.oracle_compute(8, 8, cfg) == 100
+    assert measure.oracle_compute(0, 8, cfg) == pytest.approx(100 / 3) and measure.oracle_compute(8, 8, cfg) == 100
 
     res = run_sweep(ckpts / "asym.pt", "--thresholds", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1",
                     "--confidence", "softmax", "margin", "entropy")
@@ -135,10 +138,10 @@ def test_bad_input(ckpts, tmp_path):
     corrupt.write_bytes(b"not a checkpoint")
     torch.save({"model": {}}, foreign)
     for path, match in ((tmp_path / "missing.pt", "no checkpoint at"), (corrupt, "not a readable checkpoint"),
-                        (foreign, "not an eemini checkpoint"), (ckpts / "final.pt", "--loss final: its exit head")):
+                        (foreign, "not an eemini checkpoint"), (ckpts / "final.pt", "was never trained")):
         assert match in cli_error(sweep.main, sweep.parse_args, [str(path)])
     plain = tmp_path / "plain.pt"
-    ee.save_checkpoint(plain, make_model(exit_layer=0), ee.Vocab([chr(97 + i) for i in range(23)]), args={})
+    ck.save_checkpoint(plain, make_model(exits=[]), Vocab([chr(97 + i) for i in range(23)]), args={})
     assert "plain model without an exit point" in cli_error(sweep.main, sweep.parse_args, [str(plain)])
     msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--data", str(tmp_path / "nope")])
     assert "no data at" in msg
@@ -147,11 +150,21 @@ def test_bad_input(ckpts, tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["--thresholds", "0,1.5"], "threshold 1.5 is outside [0, 1]"),
     (["--thresholds", "-0.1"], "threshold -0.1 is outside [0, 1]"),
-    (["--thresholds", "a,b"], "--thresholds wants comma-separated numbers"),
+    (["--thresholds", "a,b"], "threshold a is outside [0, 1] (or not a number)"),
+    (["--thresholds", ""], "--thresholds is empty"),
     (["--confidence", "logit"], "invalid choice"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
-    with pytest.raises(SystemExit) as e:
-        sweep.parse_args(["ckpt.pt", *argv])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and match in err and len(err.splitlines()) == 1
+    assert match in flag_error(sweep.parse_args, ["ckpt.pt", *argv], capsys)
+
+
+def test_header_names_the_loss_weights_a_run_was_trained_with(tmp_path, capsys):
+    """A --layer-weights run is named by its weights, not by the --loss default it never used."""
+    (tmp_path / "tiny.txt").write_text(tiny_text())
+    out = tmp_path / "lw.pt"
+    train.main(train.parse_args(["--data", str(tmp_path / "tiny.txt"), "--out", str(out), *TINY_TRAIN,
+                                 "--n-layer", "4", "--exit-layers", "2", "--layer-weights", "0,0.7,0,0.3"]))
+    capsys.readouterr()
+    run_sweep(out, "--thresholds", "0,1")
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "exit after layer 2, loss weights L2=0.7, L4=0.3" in header and "asym" not in header

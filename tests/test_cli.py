@@ -1,0 +1,101 @@
+"""Every script from the command line: a tiny run of each as its own process (exit code, the lines a
+user reads, one error line for bad input), and the shared vocabulary of flags and --help.
+
+Run: python -m pytest tests/test_cli.py -q
+"""
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from conftest import TINY_TRAIN, cli_error
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["train.py", "sweep.py", "sample.py", "exit_classifier.py", "reproduce.py",
+           "bench/train_step.py", "bench/sweep_speed.py", "bench/generate.py"]
+
+
+def run(script, *argv):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    return r.returncode, r.stdout, r.stderr.strip()
+
+
+def load(script):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint written by `python train.py` itself."""
+    from conftest import tiny_text
+
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "tiny.txt").write_text(tiny_text())
+    code, out, err = run("train.py", "--data", tmp / "tiny.txt", "--out", tmp / "ckpt.pt", *TINY_TRAIN)
+    assert code == 0, err
+    assert "## Threshold Analysis" in out and "saved" in out.splitlines()[-1]
+    return tmp
+
+
+def test_sweep_sample_and_benchmarks_run_on_it(trained):
+    ckpt = trained / "ckpt.pt"
+    code, out, err = run("sweep.py", ckpt, "--thresholds", "0,0.5,1")
+    assert code == 0 and "## Threshold sweep" in out and "oracle frontier" in out, err
+    code, out, err = run("sample.py", ckpt, "--max-new-tokens", "20", "--color", "never")
+    assert code == 0 and "tok/s" in out, err
+    code, out, err = run("bench/sweep_speed.py", ckpt, "--repeats", "1")
+    assert code == 0 and "ratio" in out, err
+    code, out, err = run("bench/generate.py", ckpt, "--batch-sizes", "1,2", "--rounds", "1", "--new-tokens", "8")
+    assert code == 0 and [line.split(" |")[0] for line in out.splitlines() if line[:4] in ("| 1 ", "| 2 ")] == ["| 1", "| 2"], err
+    code, out, err = run("bench/train_step.py", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size",
+                         "4", "--steps", "1", "--rounds", "1")
+    assert code == 0 and "step-time ratio" in out, err
+
+
+def test_exit_classifier_runs(wiki_folder, tmp_path):
+    code, out, err = run("exit_classifier.py", "--data", wiki_folder, "--out", tmp_path / "ec.pt", "--train-seqs", "40",
+                         "--seq-len", "8", "--n-embd", "16", "--n-head", "2", "--ffn-dim", "32", "--max-epochs", "1",
+                         "--exit-epochs", "1", "--val-chars", "400")
+    assert code == 0 and "| Final PPL |" in out and (tmp_path / "ec.pt").exists(), err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train.py", ["--data", "/nonexistent/eemini", "--out", "/nonexistent/x.pt"]),
+    ("sweep.py", ["/nonexistent/ckpt.pt"]),
+    ("sample.py", ["/nonexistent/ckpt.pt"]),
+    ("exit_classifier.py", ["--data", "/nonexistent/eemini"]),
+    ("reproduce.py", ["--data", "/nonexistent/eemini", "--out-dir", "/nonexistent/runs"]),
+    ("bench/generate.py", ["/nonexistent/ckpt.pt"]),
+    ("bench/sweep_speed.py", ["/nonexistent/ckpt.pt"]),
+])
+def test_bad_input_is_one_line(script, argv):
+    module = load(script)
+    assert cli_error(module.main, module.parse_args, [*argv, "--device", "cpu"]).startswith("error: no ")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default(script, capsys):
+    module = load(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--device" in text and "(default:" in text
+    assert "Traceback" not in text and text.splitlines()[0].startswith("usage:")
+
+
+def test_shared_argument_types():
+    assert cli.comma_list(cli.number(int, 0))("1, 2,3") == [1, 2, 3] and cli.comma_list(int)("") == []
+    assert cli.threshold("0.25") == 0.25 and cli.number(float, 0.0, 1.0, hi_open=True)("0.5") == 0.5
+    for bad, rule in (("nan", cli.threshold), ("1.01", cli.threshold), ("inf", cli.number(float)),
+                      ("1.0", cli.number(float, 0.0, 1.0, hi_open=True)), ("2.5", cli.number(int))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rule(bad)

@@ -1,0 +1,49 @@
+"""sample.py: generation coloured by depth, its statistics line, and what it refuses.
+
+Run: python -m pytest tests/test_sample.py -q
+"""
+
+import pytest
+
+import sample
+import train
+from conftest import TINY_TRAIN, cli_error, flag_error
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from conftest import tiny_text
+
+    tmp = tmp_path_factory.mktemp("sample")
+    (tmp / "tiny.txt").write_text(tiny_text())
+    for loss in ("asym", "final"):
+        train.main(train.parse_args(["--data", str(tmp / "tiny.txt"), "--out", str(tmp / f"{loss}.pt"),
+                                     "--loss", loss, *TINY_TRAIN]))
+    return tmp
+
+
+def test_colours_by_depth(ckpts, capsys):
+    capsys.readouterr()
+    argv = [str(ckpts / "asym.pt"), "--prompt", "the ", "--max-new-tokens", "40", "--color", "always"]
+    sample.main(sample.parse_args([*argv, "--threshold", "0.0"]))
+    printed = capsys.readouterr().out
+    assert printed.count(sample.SHALLOW) == 40 + 1  # threshold 0: every character exits (+ legend)
+    assert "exited at layer 1: 100.0%" in printed and "Compute 33.3%" in printed
+    sample.main(sample.parse_args([*argv, "--threshold", "1.0"]))
+    printed = capsys.readouterr().out
+    assert sample.SHALLOW not in printed.split("-" * 60)[0] and "exited at layer 1: 0.0%" in printed
+
+
+def test_refuses_an_untrained_exit_head(ckpts):
+    msg = cli_error(sample.main, sample.parse_args, [str(ckpts / "final.pt"), "--threshold", "0.5", "--max-new-tokens", "5"])
+    assert "its exit head was never trained" in msg and "--threshold 1.0" in msg
+    sample.main(sample.parse_args([str(ckpts / "final.pt"), "--threshold", "1.0", "--max-new-tokens", "5"]))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--threshold", "2"], "threshold 2 is outside [0, 1]"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--top-k", "-1"], "argument --top-k: -1 is outside"),
+])
+def test_bad_flags_give_one_line(argv, match, capsys):
+    assert match in flag_error(sample.parse_args, ["ckpt.pt", *argv], capsys)
