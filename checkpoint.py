@@ -6,6 +6,7 @@ values only, so `torch.load(..., weights_only=True)` reads it. Every write is at
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,7 @@ def atomic_write(path, mode="w", **open_kwargs):
     interrupted write never spoils what was there. Yields the open file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")  # ckpt.pt.k3j4h5q8.tmp
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -35,6 +36,51 @@ def atomic_write(path, mode="w", **open_kwargs):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path, who="train.py"):
+    """Hold path's lock file (path + '.lock') for as long as the block runs, so that a second process
+    writing the same checkpoint is refused at once instead of silently replacing the first one's
+    work. The lock is the operating system's (flock): it goes with the process, however that ends.
+    Temp files a killed save left beside path are removed (no writer can be using them now)."""
+    path, lock = Path(path), Path(f"{path}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not on this system (Windows): no lock, as before
+        yield
+        return
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not lock.exists() or lock.stat().st_ino != os.fstat(f.fileno()).st_ino:
+                raise OSError("the lock file was replaced while we opened it")  # its holder just finished
+        except OSError:
+            f.seek(0)
+            raise EEminiError(f"another {who} (pid {f.read().strip() or '?'}) is writing {path}; wait for it to "
+                              f"finish or pass another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            remove_stale_temps(path)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still holding it: whoever opened this file meanwhile sees it replaced
+
+
+def remove_stale_temps(path):
+    """Delete the temp files an interrupted save of path left behind (path.XXXXXXXX.tmp, and the
+    pathXXXXXXXX.tmp of earlier versions); say how many and how large."""
+    pattern = re.compile(re.escape(path.name) + r"\.?[a-z0-9_]{8}\.tmp")
+    stale = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    if stale:
+        size = sum(p.stat().st_size for p in stale) / 1e6
+        for p in stale:
+            p.unlink()
+        print(f"removed {len(stale)} temp file{'s' * (len(stale) > 1)} ({size:.1f} MB) left by an interrupted save "
+              f"of {path}")
 
 
 def write_text(path, text):
@@ -83,19 +129,39 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, "eemini-1"):
         raise EEminiError(f"{path} is not an eemini checkpoint (no '{FORMAT}' format tag); "
                           f"pass a file written by train.py")
-    return upgrade_v1(ckpt) if ckpt["format"] == "eemini-1" else ckpt
+    missing = [k for k in ("config", "model", "vocab") if not isinstance(ckpt.get(k), (dict, list))]
+    if missing:
+        raise EEminiError(f"{path} has no '{missing[0]}': it is damaged or was not written by eemini; re-train it")
+    ckpt = upgrade_v1(ckpt) if ckpt["format"] == "eemini-1" else ckpt
+    return {**ckpt, "path": str(path)}
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), with a mismatch told in one line: the first tensor that differs."""
+    mine = module.state_dict()
+    for name in [*mine, *state]:
+        if name not in mine or name not in state:
+            where = "the file" if name in state else "its config"
+            raise EEminiError(f"{path}: {name} is only in {where}; the checkpoint is damaged or from another version")
+        if mine[name].shape != state[name].shape:
+            raise EEminiError(f"{path}: {name} is {list(state[name].shape)} in the file, {list(mine[name].shape)} in "
+                              f"its config; the checkpoint is damaged or from another version")
+    module.load_state_dict(state)
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
     """(model in eval mode, vocab) from a checkpoint dict."""
+    path = ckpt.get("path", "the checkpoint")
     if ckpt.get("kind", "gpt") != "gpt":
         raise EEminiError(f"this is a {ckpt['kind']} checkpoint, not a train.py model; "
                           f"use the script that wrote it (exit_classifier.py for cascades)")
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        vocab = Vocab(ckpt["vocab"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise EEminiError(f"the checkpoint's model does not match its config ({str(e)[:120]}); "
-                          f"it is damaged or from another version") from None
-    return model.to(device).eval(), vocab
+    except TypeError as e:
+        raise EEminiError(f"{path}: its config does not describe a model ({e}); it is damaged or from another "
+                          f"version") from None
+    load_weights(model, ckpt["model"], path)
+    if len(ckpt["vocab"]) != model.config.vocab_size:
+        raise EEminiError(f"{path}: a vocabulary of {len(ckpt['vocab'])} characters for an embedding of "
+                          f"{model.config.vocab_size}; the checkpoint is damaged")
+    return model.to(device).eval(), Vocab(ckpt["vocab"])

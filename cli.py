@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import math
 import os
+import platform
 import sys
 
 import torch
@@ -144,6 +145,17 @@ def synchronize(device):
     """Wait for the GPU before reading a clock (CUDA work is asynchronous)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def machine(device="cpu"):
+    """The processor, cores, torch threads, GPU and torch version: what a figure's last digits depend on."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
+    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}, {platform.system()}, "
+            f"torch {torch.__version__}")
 
 
 def fmt_time(seconds):

@@ -46,6 +46,17 @@ def download_wikitext(cache_dir=CACHE_DIR):
     return folder
 
 
+def read_text(path):
+    """A file's text, refusing anything that is not UTF-8 (a binary file, or Latin-1 text, would
+    otherwise train silently on replacement characters)."""
+    blob = Path(path).read_bytes()
+    try:
+        return blob.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
+    except UnicodeDecodeError as e:
+        raise EEminiError(f"{path} is not UTF-8 text (byte 0x{blob[e.start]:02x} at offset {e.start:,}); convert it "
+                          f"(e.g. iconv -f latin1 -t utf-8) or point --data at UTF-8 text") from None
+
+
 def read_split(data, split):
     """(text, source) of one split ('train', 'valid', 'test') from a WikiText folder or one text file.
 
@@ -60,11 +71,11 @@ def read_split(data, split):
         if not file.exists():
             raise EEminiError(f"{path} has no wiki.{split}.raw (nor .tokens); --data wants a folder with "
                               f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
-        text, source = file.read_text(encoding="utf-8", errors="replace"), str(file)
+        text, source = read_text(file), str(file)
     elif path.is_file():
         if split == "test":
             raise EEminiError(f"{path} is a single text file, which has no test split; use --split valid")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path)
         cut = int(len(text) * 0.9)
         text, source = (text[:cut], f"{path} [:90%]") if split == "train" else (text[cut:], f"{path} [90%:]")
     else:

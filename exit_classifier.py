@@ -32,6 +32,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -432,6 +433,14 @@ def load_cascades(path, device="cpu"):
 
 
 def main(args):
+    if Path(args.out).is_dir():
+        raise ee.EEminiError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / 'ec.pt'}")
+    with ck.exclusive(args.out, "exit_classifier.py"):  # one writer per checkpoint
+        return compare(args)
+
+
+def compare(args):
+    """Block 0 once, then each confidence method's cascade on it, evaluated, tabled and saved."""
     device, t0 = cli.pick_device(args.device, args.threads), time.time()
     torch.manual_seed(args.seed)
     vocab, train_ids, held_ids = load_data(args.data, args.train_seqs * args.seq_len + 1, args.val_chars)

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -34,7 +33,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
 
 import checkpoint as ck
 import cli
@@ -107,9 +105,14 @@ def run_script(script, argv, stem, flags=()):
     is recorded beside the checkpoint first, so a later call knows whether that checkpoint is ours."""
     ck.write_text(f"{stem}.argv.json", json.dumps(argv))
     with open(f"{stem}.log", "a") as log:
-        r = subprocess.run([sys.executable, str(ROOT / script), *argv, *flags], stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise EEminiError(f"{script} {shlex.join(argv)} failed (exit {r.returncode}); its output is in {stem}.log")
+        proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv, *flags], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint, then stop
+            proc.wait(timeout=120)
+            raise
+    if proc.returncode:
+        raise EEminiError(f"{script} {shlex.join(argv)} failed (exit {proc.returncode}); its output is in {stem}.log")
 
 
 def ours(stem, argv):
@@ -392,14 +395,6 @@ def plots(A, res_dir):
     return out
 
 
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}, {platform.system()}, torch {torch.__version__}"
-
-
 def report(records, args):
     """RESULTS.md text and results.csv text."""
     agg = {name: aggregate(recs) for name, recs in records.items()}
@@ -414,7 +409,7 @@ def report(records, args):
         (f"masked/{t}/oracle_ppl", 3, ""), (f"masked/{t}/shallow", 1, "%"), (f"masked/{t}/compute", 1, "%"),
         (f"exit/{t}/flops", 1, "%")))] for name, script, what, _ in RUNS if script == "train.py" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
-             f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {machine(args.device)}, device {args.device}. "
+             f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
              f"Total time {cli.fmt_time(total)} of runs.", "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "

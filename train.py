@@ -8,12 +8,14 @@ Seed 002's 4-layer setting (exit after layer 2, weights 0 / 0.7 / 0 / 0.3):
 Bigger, on a GPU (bf16 autocast), or on N GPUs with data parallelism:
     python train.py --n-layer 6 --n-embd 256 --n-head 8 --block-size 256 --max-iters 5000 --compile
     torchrun --standalone --nproc_per_node=4 train.py --n-layer 6 --n-embd 256 --grad-accum 1
-Continue a run for more steps:
+Continue a run for more steps (Ctrl-C saves the run first; a second Ctrl-C stops at once):
     python train.py --resume --max-iters 4000
 """
 
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
 RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads", "compile", "out", "resume",
-                "overwrite")
+                "overwrite", "restart_schedule")
 
 
 def parse_args(argv=None):
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     cli.add_eval_batch_size(g)
     g.add_argument("--out", default="ckpt.pt", help="checkpoint to write")
     g.add_argument("--resume", action="store_true", help="continue training from --out")
+    g.add_argument("--restart-schedule", action="store_true", help="with --resume and a larger --max-iters: run "
+                   "the cosine again from step 0 to --max-iters (a warm restart); without it the schedule keeps "
+                   "its end and the added steps run at --min-lr")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out (by default train.py "
                    "refuses, so a trained model is never lost)")
     cli.add_device(g)
@@ -98,6 +103,7 @@ def check_args(p, args):
         p.error("--layer-weights are all zero: nothing would be trained")
     if args.data:  # recorded in the checkpoint: sweep.py finds it again from any directory
         args.data = str(Path(args.data).resolve())
+    args.schedule_iters = args.max_iters  # where the cosine ends; a resumed run keeps its own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,11 +148,16 @@ def setup_device(args, world, local_rank):
 
 
 def load_for_resume(args):
-    """The checkpoint at --out and the args to go on with: its own, except the RESUME_KEEPS flags."""
+    """The checkpoint at --out and the args to go on with: its own, except the RESUME_KEEPS flags.
+    The learning-rate schedule keeps its end unless --restart-schedule stretches it to --max-iters."""
     ckpt = ck.load_checkpoint(args.out)
+    ck.model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
     if "optimizer" not in ckpt:
         raise ee.EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
-    merged = {**vars(args), **ckpt["args"], **{k: getattr(args, k) for k in RESUME_KEEPS}}
+    merged = {**vars(args), "schedule_iters": ckpt["args"].get("max_iters"), **ckpt["args"],
+              **{k: getattr(args, k) for k in RESUME_KEEPS}}
+    if args.restart_schedule:
+        merged["schedule_iters"] = args.max_iters
     return ckpt, type(args)(**merged)
 
 
@@ -160,9 +171,10 @@ def load_text(args, ckpt, rank, world):
     if ckpt is not None and vocab.itos != ckpt["vocab"]:
         raise ee.EEminiError(f"the training text's characters differ from those of {args.out}; "
                              f"resume with the same --data and --train-chars")
-    if len(train_data) <= args.block_size + 1:
-        raise ee.EEminiError(f"the training text ({len(train_data)} chars) is shorter than one window of "
-                             f"{args.block_size + 1}; use more --train-chars or a smaller --block-size")
+    for name, ids, flag in (("training", train_data, "--train-chars"), ("validation", val, "--val-chars")):
+        if len(ids) <= args.block_size + 1:  # found now, not after the first steps
+            raise ee.EEminiError(f"the {name} text ({len(ids)} chars) is shorter than one window of "
+                                 f"{args.block_size + 1}; use more {flag} (or other --data) or a smaller --block-size")
     return vocab, train_data, val
 
 
@@ -182,10 +194,11 @@ def configure_optimizer(model, args):
 
 
 def get_lr(it, args):
-    """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to lr, then cosine decay to min_lr at schedule_iters (max_iters, unless a resumed
+    run keeps the end of the schedule it was trained with); min_lr after that."""
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
-    ratio = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    ratio = min(1.0, (it - args.warmup_iters) / max(1, args.schedule_iters - args.warmup_iters))
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
@@ -249,21 +262,53 @@ def log_step(run, lr, loss, logits, y, timer):
     run.log(f"step {run.step:6d}/{run.args.max_iters} | loss {loss.item():.4f} | ce {ce} | lr {lr:.2e} | {speed}")
 
 
+class CtrlC:
+    """The first Ctrl-C asks the loop to stop after the step it is in and save; a second one stops at
+    once (KeyboardInterrupt, as usual). Only in a single process's main thread: under torchrun the
+    processes must stop at the same step, so there Ctrl-C stops at once."""
+
+    def __init__(self, active):
+        self.active, self.requested = active and threading.current_thread() is threading.main_thread(), False
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train_loop(run, train_data, val):
-    """Steps until max_iters; a log line every log_interval, evaluate + save every eval_interval.
-    Timing starts after this run's first step (warm-up, compilation)."""
+    """Steps until max_iters; a log line every log_interval, evaluate + save every eval_interval;
+    on Ctrl-C, save and stop. Timing starts after this run's first step (warm-up, compilation)."""
     gen, first, timer = torch.Generator(), run.step, {}
-    while run.step < run.args.max_iters:
-        lr, loss, logits, y = train_step(run, train_data, gen)
-        if run.step == first + 1:
-            cli.synchronize(run.device)
-            timer.update(t=time.time(), step=run.step)
-        if run.step % run.args.log_interval == 0 or run.step == run.args.max_iters:
-            log_step(run, lr, loss, logits, y, timer)
-        if run.rank == 0 and (run.step % run.args.eval_interval == 0 or run.step == run.args.max_iters):
-            eval_and_save(run, val)
+    with CtrlC(run.world == 1) as ctrl_c:
+        while run.step < run.args.max_iters:
+            step_once(run, train_data, val, gen, first, timer)
+            if ctrl_c.requested:
+                save(run, {"interrupted_at": run.step})
+                run.log(f"interrupted at step {run.step}: saved {run.args.out} (continue it with --resume)")
+                raise KeyboardInterrupt
     if run.step == first:
         run.log(f"nothing to train: the checkpoint is at step {run.step} of --max-iters {run.args.max_iters}")
+
+
+def step_once(run, train_data, val, gen, first, timer):
+    """One training step, then its log line and evaluation where they fall due."""
+    lr, loss, logits, y = train_step(run, train_data, gen)
+    if run.step == first + 1:
+        cli.synchronize(run.device)
+        timer.update(t=time.time(), step=run.step)
+    if run.step % run.args.log_interval == 0 or run.step == run.args.max_iters:
+        log_step(run, lr, loss, logits, y, timer)
+    if run.rank == 0 and (run.step % run.args.eval_interval == 0 or run.step == run.args.max_iters):
+        eval_and_save(run, val)
 
 
 def print_tables(layers, rows, full, shallow, exit_row, cfg):
@@ -316,38 +361,51 @@ def peak_memory(device):
 
 
 def main(args):
-    if not (args.resume or args.overwrite) and Path(args.out).exists():
-        raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
-                             f"or --overwrite to replace it")
     rank, world, local_rank = setup_distributed()
-    ckpt, args = load_for_resume(args) if args.resume else (None, args)
-    device = setup_device(args, world, local_rank)
-    torch.manual_seed(args.seed)
-    vocab, train_data, val = load_text(args, ckpt, rank, world)
-    raw = build_model(args, vocab).to(device)
-    run = Run(args, raw, raw, configure_optimizer(raw, args), vocab, device, rank, world)
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.step, run.best_val = ckpt["step"], ckpt["best_val"]
-        run.log(f"resuming from step {run.step} of {args.out}")
-    if args.compile:
-        run.model = torch.compile(run.model)
-    cfg = raw.config
-    if world > 1:  # a head no loss reaches (the exit head under --loss final) has no gradient
-        run.model = DDP(run.model, device_ids=[local_rank] if device.startswith("cuda") else None,
-                        find_unused_parameters=set(cfg.loss_weights) != {*cfg.head_layers, cfg.n_layer})
-    run.log(f"device {device} | {world} process(es) | {raw.num_params():,} parameters | "
-            f"{args.batch_size * args.block_size * args.grad_accum * world:,} tokens/step | loss "
-            f"{'layer-weights' if args.layer_weights else args.loss} weights "
-            + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items()))
-    t0 = time.time()
-    train_loop(run, train_data, val)
-    if rank == 0:
-        final_report(run, val, t0)
+    if Path(args.out).is_dir():
+        raise ee.EEminiError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / 'ckpt.pt'}")
+    with ck.exclusive(args.out) if rank == 0 else nullcontext():  # one writer per checkpoint
+        if not (args.resume or args.overwrite) and Path(args.out).exists():
+            raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
+                                 f"or --overwrite to replace it")
+        ckpt, args = load_for_resume(args) if args.resume else (None, args)
+        device = setup_device(args, world, local_rank)
+        torch.manual_seed(args.seed)
+        vocab, train_data, val = load_text(args, ckpt, rank, world)
+        raw = build_model(args, vocab).to(device)
+        run = Run(args, raw, raw, configure_optimizer(raw, args), vocab, device, rank, world)
+        if ckpt is not None:
+            resume(run, ckpt)
+        if args.compile:
+            run.model = torch.compile(run.model)
+        cfg = raw.config
+        if world > 1:  # a head no loss reaches (the exit head under --loss final) has no gradient
+            run.model = DDP(run.model, device_ids=[local_rank] if device.startswith("cuda") else None,
+                            find_unused_parameters=set(cfg.loss_weights) != {*cfg.head_layers, cfg.n_layer})
+        run.log(f"device {device} | {world} process(es) | {raw.num_params():,} parameters | "
+                f"{args.batch_size * args.block_size * args.grad_accum * world:,} tokens/step | loss "
+                f"{'layer-weights' if args.layer_weights else args.loss} weights "
+                + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items()))
+        t0 = time.time()
+        train_loop(run, train_data, val)
+        if rank == 0:
+            final_report(run, val, t0)
     if world > 1:
         dist.destroy_process_group()
     return raw
+
+
+def resume(run, ckpt):
+    """Weights, optimizer state, step and best val from the checkpoint; say where the schedule goes."""
+    ck.load_weights(run.raw, ckpt["model"], run.args.out)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.step, run.best_val = ckpt["step"], ckpt["best_val"]
+    a = run.args
+    run.log(f"resuming from step {run.step} of {a.out} | " + (
+        f"the learning-rate schedule restarts: cosine from step 0 to {a.schedule_iters}" if a.restart_schedule else
+        f"the learning-rate schedule ends at step {a.schedule_iters}" + (
+            f", then --min-lr {a.min_lr:g} to step {a.max_iters} (--restart-schedule stretches the cosine instead)"
+            if a.max_iters > a.schedule_iters else "")))
 
 
 if __name__ == "__main__":

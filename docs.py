@@ -1,0 +1,245 @@
+"""
+Re-run every command whose output README.md quotes, and say which quoted blocks differ from what the
+code prints now (or, with --write, put the new output in their place).
+
+A quoted block is a fenced block right after a `<!-- output: NAME -->` line. Inside it, `$ python ...`
+lines are commands, run in order in one scratch folder (so `sweep.py ckpt.pt` finds the checkpoint the
+block before it trained), and the lines after each are its output. A line `...` stands for lines left
+out: the part after it starts at the output line whose text up to its first ` | ` is the same. What
+changes from run to run is masked before comparing: timings, tokens/s, memory, where the data lives.
+`<!-- output: NAME timing -->` marks a block of timings (benchmarks): run only with --timing, and
+never counted as differing. The figures are exact only on the machine and thread count they were
+made with; the README says which.
+
+    python docs.py --cheap                 # seconds: every README command parses, quoted tables agree
+    python docs.py                         # minutes: re-run each quoted block, report which differ
+    python docs.py --only sweep --write    # re-run some blocks and write their output into README.md
+"""
+
+import contextlib
+import importlib.util
+import io
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import checkpoint as ck
+import cli
+from eemini import EEminiError
+
+ROOT = Path(__file__).resolve().parent
+MARK = re.compile(r"<!-- output: (\S+)( timing)? -->")
+VOLATILE = [  # (pattern, replacement): what differs between two runs of the same code
+    (re.compile(r" +[\d.]+ ms\b"), " # ms"), (re.compile(r" +[\d,]+ tok/s"), " # tok/s"),
+    (re.compile(r"\b(ETA|in|elapsed) \d+m\d\ds"), r"\1 #"), (re.compile(r"\bin [\d.]+ ?s\b"), "in #s"),
+    (re.compile(r", [\d.]+ s$"), ", # s"), (re.compile(r"\d+ MiB (RSS|GPU)"), r"# MiB \1"),
+    (re.compile(r"/\S*/(wikitext-2[^\s|]*)"), r".../\1"), (re.compile(r"\S*eemini-docs-\w+/"), ""),
+]
+
+
+def parse_args(argv=None):
+    p = cli.Parser(__doc__)
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="the Markdown file whose blocks to check")
+    p.add_argument("--only", type=cli.comma_list(str), default=[], help="block names to run, comma list (default all)")
+    p.add_argument("--cheap", action="store_true", help="run nothing: check that every command in the file parses "
+                   "and that its tables agree with RESULTS.md")
+    p.add_argument("--timing", action="store_true", help="also re-run the blocks of timings (benchmarks)")
+    p.add_argument("--write", action="store_true", help="write each re-run block's new output into the file")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# blocks: where they are in the file, what they run, what they expect
+
+
+def find_blocks(lines):
+    """[(name, timing?, first line, end line)] of every marked fenced block (the lines inside the fence)."""
+    blocks = []
+    for i, line in enumerate(lines):
+        m = MARK.fullmatch(line.strip())
+        if m:
+            start = i + 2  # the fence opens on the next line
+            end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
+            blocks.append((m.group(1), bool(m.group(2)), start, end))
+    return blocks
+
+
+def commands(block_lines):
+    """[(command, expected output lines)] of one block."""
+    out = []
+    for line in block_lines:
+        if line.startswith("$ "):
+            out.append((line[2:], []))
+        elif out:
+            out[-1][1].append(line)
+    return out
+
+
+def mask(line):
+    for pattern, repl in VOLATILE:
+        line = pattern.sub(repl, line)
+    return line.rstrip()
+
+
+def anchor(line):
+    return line.split(" | ")[0].rstrip()
+
+
+def excerpt(expected, actual):
+    """The lines of actual that the expected excerpt quotes, segment by segment (a `...` line
+    skips ahead to the line with the next segment's anchor); None where a segment is not found."""
+    segments, seg = [], []
+    for line in expected:
+        if line.strip() == "...":
+            segments.append(seg)
+            seg = []
+        else:
+            seg.append(line)
+    segments.append(seg)
+    out, pos = [], 0
+    for k, seg in enumerate(segments):
+        if k > 0:
+            found = [j for j in range(pos, len(actual)) if seg and anchor(actual[j]) == anchor(seg[0])]
+            if not found:
+                return None
+            pos = found[0]
+            out.append("...")
+        last = k == len(segments) - 1
+        take = actual[pos:] if last else actual[pos : pos + len(seg)]
+        out += take
+        pos += len(take)
+    return out
+
+
+def run_command(command, cwd):
+    """Run one README command (python SCRIPT ARGS) in cwd: relative paths that exist beside this
+    file, and not in cwd, are taken from here. Returns its output lines."""
+    argv = shlex.split(command)
+    if argv[0] != "python":
+        raise EEminiError(f"a quoted command must start with python: {command}")
+    argv = [sys.executable, str(ROOT / argv[1]),
+            *(str(ROOT / a) if not Path(a).is_absolute() and (ROOT / a).exists() and not (cwd / a).exists() else a
+              for a in argv[2:])]
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        raise EEminiError(f"`{command}` failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+    return r.stdout.rstrip("\n").split("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the cheap checks: nothing is trained
+
+
+def readme_commands(lines):
+    """Every `python SCRIPT ...` command line in the file's fenced blocks (torchrun's too), as argv."""
+    found, fenced = [], False
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        text = line[2:] if line.startswith("$ ") else line
+        if not (fenced and text.startswith(("python ", "torchrun "))):
+            continue
+        words = shlex.split(text.split("  #")[0])  # a comment after two spaces is not part of it
+        script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        if script is not None and (ROOT / words[script]).exists():
+            found.append((words[script], words[script + 1 :]))
+    return found
+
+
+def load(script):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cheap_checks(lines):
+    """Problems found without running anything: commands the scripts no longer accept, and quoted
+    tables that disagree with RESULTS.md's."""
+    problems = []
+    for script, argv in readme_commands(lines):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                load(script).parse_args(argv)
+        except SystemExit:
+            why = err.getvalue().strip().split(": error: ")[-1]
+            problems.append(f"`{script} {shlex.join(argv)}` is not accepted by {script}: {why}")
+    results = ROOT / "RESULTS.md"
+    if results.exists():
+        theirs = results.read_text(encoding="utf-8").split("\n")
+        for name, table in quoted_tables(lines).items():
+            if name in quoted_tables(theirs) and quoted_tables(theirs)[name] != table:
+                problems.append(f"the README's '{name}' table differs from RESULTS.md's")
+    return problems
+
+
+def quoted_tables(lines):
+    """{heading: table lines} of the tables under each `## ` / `### ` heading that holds one."""
+    tables, heading = {}, None
+    for line in lines:
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line.startswith("|") and heading:
+            tables.setdefault(heading, []).append(line.rstrip())
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    path = Path(args.readme)
+    if not path.is_file():
+        raise EEminiError(f"no file at {path}")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    problems = cheap_checks(lines)
+    for p in problems:
+        print(f"problem: {p}")
+    if args.cheap:
+        print(f"{len(readme_commands(lines))} commands parse" if not problems else f"{len(problems)} problem(s)")
+        return problems
+    blocks = [b for b in find_blocks(lines) if (not args.only or b[0] in args.only) and (args.timing or not b[1])]
+    print(f"{path.name}: re-running {len(blocks)} quoted block(s) | {cli.machine()}")
+    differ, rewritten = [], []
+    with tempfile.TemporaryDirectory(prefix="eemini-docs-") as scratch:
+        for name, timing, start, end in blocks:  # in file order: a block may use what an earlier one wrote
+            t0, written = time.time(), []
+            for command, expected in commands(lines[start:end]):
+                actual = excerpt(expected, run_command(command, Path(scratch)))
+                same = actual is not None and [mask(a) for a in actual] == [mask(e) for e in expected]
+                if not same and not timing:
+                    differ.append(name)
+                    show_difference(name, command, expected, actual)
+                written += [f"$ {command}", *(actual or expected)]
+            print(f"{name}: {'timings re-run' if timing else 'differs' if name in differ else 'matches'} "
+                  f"({cli.fmt_time(time.time() - t0)})")
+            rewritten.append((start, end, written))
+    if args.write:
+        for start, end, written in reversed(rewritten):  # from the end, so earlier line numbers hold
+            lines[start:end] = written
+        ck.write_text(path, "\n".join(lines))
+        print(f"wrote {path}")
+    print(f"{len(set(differ))} of {len(blocks)} block(s) differ" + (f": {', '.join(dict.fromkeys(differ))}" if differ else ""))
+    return problems + differ
+
+
+def show_difference(name, command, expected, actual):
+    print(f"\n{name}: `{command}`")
+    if actual is None:
+        print("  the output no longer has the lines this block quotes")
+        return
+    for e, a in zip(expected, actual):
+        if mask(e) != mask(a):
+            print(f"  README: {e}\n  now:    {a}")
+    if len(expected) != len(actual):
+        print(f"  README quotes {len(expected)} lines here, the output has {len(actual)}")
+
+
+if __name__ == "__main__":
+    cli.run_cli(main, parse_args)
