@@ -99,9 +99,10 @@ def save_checkpoint(path, model, vocab, **extra):
 
 
 def upgrade_v1(ckpt):
-    """An eemini-1 checkpoint in today's form: one `exit_layer` becomes the `exits` list, and the
-    loss weights, once re-derived from the saved args wherever they were needed, are resolved here
-    once and stored in the config (with no known scheme, every head counts as trained)."""
+    """An eemini-1 checkpoint in today's form: one `exit_layer` becomes the `exits` list; the loss
+    weights, once re-derived from the saved args wherever they were needed, are resolved here once
+    and stored in the config (with no known scheme, every head counts as trained); and the block is
+    the GPT-2 layout it was trained with."""
     cfg, args = dict(ckpt["config"]), dict(ckpt.get("args") or {})
     exits = [cfg.pop("exit_layer")] if cfg.get("exit_layer") else []
     cfg.pop("exit_layer", None)
@@ -113,7 +114,9 @@ def upgrade_v1(ckpt):
         weights = {k: 1.0 for k in [*heads, cfg["n_layer"]]}
     if "exit_layer" in args:
         args["exit_layers"] = exits
-    return {**ckpt, "format": FORMAT, "config": {**cfg, "exits": exits, "loss_weights": weights}, "args": args}
+    gpt2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False}  # the only layout there was
+    return {**ckpt, "format": FORMAT, "config": {**cfg, **gpt2, "exits": exits, "loss_weights": weights},
+            "args": {**args, **gpt2, "optimizer": "adamw"}}
 
 
 def load_checkpoint(path, device="cpu"):

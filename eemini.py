@@ -46,6 +46,11 @@ class GPTConfig:
     # the training loss, sum_k w_k * CE(head after layer k), as {layer: w}; None = asym with
     # alpha 0.7 (the quick start). Every exit and every weighted layer has a head.
     loss_weights: dict = None
+    # the block's recipe (README: "Make depth pay"); the GPT-2 layout is learned, layer, gelu, False
+    pos: str = "rope"  # positions: "rope" (rotary, in attention) or "learned" (an embedding added at the input)
+    norm: str = "rms"  # "rms" (RMSNorm, no parameters) or "layer" (LayerNorm with a gain)
+    mlp: str = "relu2"  # the MLP's nonlinearity: "relu2" (ReLU squared), "gelu" or "swiglu"
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
 
     def __post_init__(self):
         self.exits = sorted(set(self.exits))
@@ -54,6 +59,11 @@ class GPTConfig:
                               f"(none, for a plain model without an exit)")
         if self.n_embd % self.n_head:
             raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for name, allowed in (("pos", ROPE), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise EEminiError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise EEminiError(f"rotary positions need an even head size, not {self.n_embd // self.n_head}")
         if self.loss_weights is None:
             self.loss_weights = layer_weights("asym" if self.exits else "final", self.n_layer, self.exits, 0.7)
         self.loss_weights = {int(k): float(w) for k, w in sorted(self.loss_weights.items()) if w > 0}
@@ -72,7 +82,40 @@ class GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# the transformer: a pre-norm GPT (nanoGPT layout) whose attention can skip exited tokens' queries
+# the transformer: a pre-norm GPT (nanoGPT layout, modern parts) whose attention can skip exited
+# tokens' queries. Each part of the recipe is one switch in the config, one line where it acts.
+
+# RMSNorm · Zhang & Sennrich 2019, arXiv:1910.07467 · nanochat drops its gain as well
+NORMS = {"rms": lambda cfg: nn.RMSNorm(cfg.n_embd, elementwise_affine=False),
+         "layer": lambda cfg: nn.LayerNorm(cfg.n_embd, bias=cfg.bias)}
+# ReLU² · So et al. 2021 (Primer), arXiv:2109.08668; SwiGLU · Shazeer 2020, arXiv:2002.05202
+MLPS = {"relu2": lambda h: F.relu(h).square(), "gelu": F.gelu,
+        "swiglu": lambda h: F.silu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1]}
+ROPE = ("rope", "learned")
+
+
+def rotary_tables(cfg):
+    """cos and sin of RoPE's angles, (block_size, head_size / 2) each: position p turns pair i of a
+    head's query and key by p * 10000^(-2i / head_size) · Su et al. 2021, arXiv:2104.09864."""
+    hs = cfg.n_embd // cfg.n_head
+    angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
+    return angles.cos(), angles.sin()
+
+
+def rotate(t, pos, cos, sin):  # t: (B, nh, T, hs), pos: (T,) or (B, T) absolute positions
+    c, s = cos[pos], sin[pos]  # (T, hs/2) or (B, T, hs/2)
+    if pos.dim() == 2:
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+    a, b = t.chunk(2, dim=-1)
+    return torch.cat([a * c + b * s, b * c - a * s], dim=-1).type_as(t)
+
+
+def positions(start, n, device):
+    """Positions of n new tokens after `start` cached ones: (n,) when every row has the same start
+    (an int), (B, n) when rows differ (a (B,) tensor: self-speculative decoding accepts a different
+    number of characters in each row)."""
+    steps = torch.arange(n, device=device)
+    return start + steps if isinstance(start, int) else start.unsqueeze(1) + steps
 
 
 def gather_tokens(x, idx):  # x: (B, T, C), idx: (B, Tq) -> (B, Tq, C)
@@ -86,9 +129,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.qk_norm = cfg.qk_norm  # QK-norm · Henry et al. 2020, arXiv:2010.04245; nanochat
+        self.rope = cfg.pos == "rope"
+        if self.rope:  # not saved: they follow from the config
+            cos, sin = rotary_tables(cfg)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
 
-    def heads(self, t):  # (B, T, C) -> (B, nh, T, hs)
-        return t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
+    def heads(self, t, pos=None):  # (B, T, C) -> (B, nh, T, hs); queries and keys get their positions
+        t = t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
+        if pos is None:  # values
+            return t
+        if self.qk_norm:
+            t = F.rms_norm(t, (t.size(-1),))
+        return rotate(t, pos, self.cos, self.sin) if self.rope else t
 
     def project(self, x, part):  # part: slice of c_attn's output rows (queries 0:C, keys+values C:3C)
         b = self.c_attn.bias
@@ -97,8 +151,9 @@ class CausalSelfAttention(nn.Module):
     def write_kv(self, x, cache):
         """K/V of every new token (an exited one too: later tokens attend to it), appended to the
         cache; returns all keys and values so far, (B, nh, S, hs) each."""
-        C = x.size(-1)
-        k, v = (self.heads(t) for t in self.project(x, slice(C, None)).split(C, dim=2))
+        C, start = x.size(-1), cache.length if cache is not None else 0
+        k, v = self.project(x, slice(C, None)).split(C, dim=2)
+        k, v = self.heads(k, positions(start, x.size(1), x.device)), self.heads(v)
         return cache.append(k, v, self.block_size) if cache is not None else (k, v)
 
     def forward(self, x, cache=None, rows=None, q_idx=None, prefix=None):
@@ -108,9 +163,12 @@ class CausalSelfAttention(nn.Module):
         it shares this call's qkv projection (one step instead of two) and asks no queries."""
         B, T, C = x.size()
         start = cache.length if cache is not None else 0
+        ragged = not isinstance(start, int)  # rows at different lengths: (B,) starts
         if q_idx is None:
             both = x if prefix is None else torch.cat([prefix, x], dim=1)
-            q, k, v = (self.heads(t) for t in self.c_attn(both).split(C, dim=2))
+            pos = positions(start, both.size(1), x.device)
+            q, k, v = self.c_attn(both).split(C, dim=2)
+            q, k, v = self.heads(q, pos), self.heads(k, pos), self.heads(v)
             if prefix is not None:
                 q, start = q[:, :, -T:], start + prefix.size(1)
             if cache is not None:
@@ -118,13 +176,14 @@ class CausalSelfAttention(nn.Module):
         else:  # true early exit: K/V for every token, a query only for the deep ones
             k, v = self.write_kv(x, cache)
             k, v = k[rows], v[rows]
-            q = self.heads(self.project(gather_tokens(x[rows], q_idx), slice(0, C)))
-        if q_idx is None and start == 0:
+            qpos = q_idx + (start[rows].unsqueeze(1) if ragged else start)  # the deep queries' positions
+            q = self.heads(self.project(gather_tokens(x[rows], q_idx), slice(0, C)), qpos)
+        if q_idx is None and not ragged and start == 0:
             mask = "causal"
-        elif q_idx is None and T == 1:
+        elif q_idx is None and not ragged and T == 1:
             mask = None  # one new token sees every key
         else:  # queries at arbitrary positions: key j is visible to the query at position p iff j <= p
-            qpos = start + (torch.arange(T, device=x.device).expand(B, T) if q_idx is None else q_idx)
+            qpos = positions(start, T, x.device).expand(B, T) if q_idx is None else qpos
             mask = (torch.arange(k.size(2), device=x.device) <= qpos.unsqueeze(-1)).unsqueeze(1)  # (R, 1, Tq, S)
         return self.resid_dropout(self.c_proj(self.attend(q, k, v, mask, C)))
 
@@ -140,20 +199,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim or 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.ffn_dim or 4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = cfg.ffn_dim or 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, hidden * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.act = MLPS[cfg.mlp]
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = NORMS[cfg.norm](cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = NORMS[cfg.norm](cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, deep=None, cache=None):
@@ -196,7 +257,7 @@ class ExitHead(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln = NORMS[cfg.norm](cfg)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, x):
@@ -217,10 +278,10 @@ class GPT(nn.Module):
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **({"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)} if cfg.pos == "learned" else {}),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=NORMS[cfg.norm](cfg),
         ))
         self.exit_heads = nn.ModuleDict({str(k): ExitHead(cfg) for k in cfg.head_layers})
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -239,12 +300,15 @@ class GPT(nn.Module):
         return self.exit_heads[str(layer)](x)
 
     def embed(self, idx, start=0):
-        T = idx.size(1)
-        if start + T > self.config.block_size:
-            raise EEminiError(f"a sequence of {start + T} characters is longer than the model's context "
+        """Token embeddings of idx (B, T), placed after `start` cached characters (an int, or (B,))."""
+        T, end = idx.size(1), int(start if isinstance(start, int) else start.max()) + idx.size(1)
+        if end > self.config.block_size:
+            raise EEminiError(f"a sequence of {end} characters is longer than the model's context "
                               f"({self.config.block_size}); use shorter windows or train with a larger --block-size")
-        pos = torch.arange(start, start + T, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos == "learned":  # with rope, positions enter in attention instead
+            x = x + self.transformer.wpe(positions(start, T, idx.device))
+        return self.transformer.drop(x)
 
     def forward(self, idx, targets=None):
         """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
@@ -271,11 +335,13 @@ class GPT(nn.Module):
         return logits[self.config.exits[0]], logits[self.config.n_layer]
 
     @torch.no_grad()
-    def forward_exit(self, idx, threshold, confidence="softmax", cache=None):
+    def forward_exit(self, idx, threshold, confidence="softmax", cache=None, whole_batch=False):
         """True early exit [3]: a token whose confidence at an exit point reaches the threshold
         stops there; the deep layers skip its attention query and MLP and compute only its K/V,
         from its frozen state. With a cache (one KVCache a layer), idx continues the cached text.
         threshold None runs the plain model without exit checks (the honest speed baseline).
+        whole_batch: CALM's batch rule [3], the tokens at a position leave only all together, when
+        the least confident row clears the threshold (no gathering of rows; all or nothing).
         Returns logits (B, T, V), the layer each token left at (B, T), the confidence at the
         first exit point (B, T; None without exit checks)."""
         cfg = self.config
@@ -289,7 +355,9 @@ class GPT(nn.Module):
             exit_logits = self.head(k, x)
             conf = CONFIDENCE[confidence](exit_logits)
             first_conf = conf if first_conf is None else first_conf
-            leave = exit_mask(conf, threshold) if deep is None else deep & exit_mask(conf, threshold)
+            leave = exit_mask(conf, at_exit(threshold, k))
+            leave = leave.all(0, keepdim=True).expand_as(leave) if whole_batch else leave
+            leave = leave if deep is None else deep & leave
             if not leave.any():  # the common case while decoding a hard token: nothing to record
                 continue
             logits = exit_logits if logits is None else torch.where(leave.unsqueeze(-1), exit_logits, logits)
@@ -303,16 +371,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=None,
-                 confidence="softmax", generator=None):
+                 confidence="softmax", generator=None, whole_batch=False):
         """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
         0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
-        (B, new). When the context is full, the cache is rebuilt from the last half of the text."""
-        block_size, cache, depths = self.config.block_size, None, []
+        (B, new). The context of each character is window(position): the cache is rebuilt from
+        the window's text when it moves on."""
+        cache, start, depths = None, None, []
         for _ in range(max_new_tokens):
-            if cache is None or cache[0].length >= block_size:  # (re)fill the cache from the text
-                cache = new_cache(self.config.n_layer)
-                step_in = idx[:, -(block_size if not depths else max(1, block_size // 2)):]
-            logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache)
+            s = window(idx.size(1), self.config.block_size)
+            if s != start:  # (re)fill the cache from the window's text
+                cache, start, step_in = new_cache(self.config.n_layer), s, idx[:, s:]
+            logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache, whole_batch)
             nxt = sample_next(logits[:, -1], temperature, top_k, generator)
             depths.append(depth[:, -1])
             idx = torch.cat([idx, nxt], dim=1)
@@ -320,17 +389,31 @@ class GPT(nn.Module):
         return idx, torch.stack(depths, 1) if depths else idx.new_zeros(idx.size(0), 0)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """(B, 1) next ids from (B, V) logits: argmax at temperature 0, else a draw from the softmax
-    of logits / temperature, restricted to the top_k most likely when top_k is set."""
+def window(t, block_size):
+    """Where the context of the character at position t begins: 0 while the text fits the model's
+    context, then moving on by half a context at a time (a cache refilled with the last half)."""
+    half = max(1, block_size // 2)
+    return 0 if t <= block_size else -(-(t - block_size) // half) * half
+
+
+def token_probs(logits, temperature=1.0, top_k=None):
+    """(B, V) next-character distribution of (B, V) logits: softmax of logits / temperature, kept to
+    the top_k most likely when top_k is set; at temperature 0 all mass on the argmax."""
     logits = logits.float()
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    return F.softmax(logits, dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """(B, 1) next ids from (B, V) logits: argmax at temperature 0, else a draw from token_probs."""
+    if temperature == 0:
+        return logits.float().argmax(-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,13 +455,18 @@ def exit_mask(conf, threshold):
     return conf >= threshold
 
 
+def at_exit(threshold, k):
+    """The threshold of exit k: one number for every exit, or {exit layer: threshold}."""
+    return threshold[k] if isinstance(threshold, dict) else threshold
+
+
 def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
     """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
-    the threshold, else n_layer. conf_by_exit: {exit layer: confidence}; shape is needed only
+    its threshold, else n_layer. conf_by_exit: {exit layer: confidence}; shape is needed only
     when there is no exit point."""
     depth = torch.full(shape or next(iter(conf_by_exit.values())).shape, n_layer, dtype=torch.long)
     for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
-        depth = torch.where(exit_mask(conf_by_exit[k], threshold), k, depth.to(conf_by_exit[k].device))
+        depth = torch.where(exit_mask(conf_by_exit[k], at_exit(threshold, k)), k, depth.to(conf_by_exit[k].device))
     return depth
 
 
@@ -466,34 +554,64 @@ class KVCache:
     """Keys and values of one layer, preallocated to the context; appendable and truncatable.
 
     truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
-    verifies, and the rejected drafts' entries are cut back. `pending` holds the frozen states of
-    exited tokens whose K/V this layer has not written yet: computing it lazily, for a run of easy
-    tokens at once when the next deep token arrives, gives the same numbers with far fewer steps.
+    verifies, and the rejected drafts' entries are cut back, in each row to its own length when
+    rows accept different numbers of characters (length is then a (B,) tensor). `pending` holds the
+    frozen states of exited tokens whose K/V this layer has not written yet: computing it lazily,
+    for a run of easy tokens at once when the next deep token arrives, gives the same numbers with
+    far fewer steps.
     """
 
     def __init__(self):
         self.k = self.v = self.pending = None
-        self.length = 0  # tokens whose K/V is written (pending ones come after them)
+        self.length = 0  # tokens whose K/V is written (pending ones come after them): an int, or (B,)
 
     def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
         if self.k is None:
             B, H, _, D = k.shape
             self.k = k.new_empty(B, H, block_size, D)
             self.v = v.new_empty(B, H, block_size, D)
-        end = self.length + k.size(2)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
+        if isinstance(self.length, int):
+            end = self.length + k.size(2)
+            self.k[:, :, self.length:end] = k
+            self.v[:, :, self.length:end] = v
+            self.length = end
+            return self.k[:, :, :end], self.v[:, :, :end]
+        at = positions(self.length, k.size(2), k.device)[:, None, :, None].expand_as(k)  # each row at its own end
+        self.k.scatter_(2, at, k)
+        self.v.scatter_(2, at, v)
+        self.length = self.length + k.size(2)
+        end = int(self.length.max())  # a row's keys past its own length are masked by position
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
         self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
 
     def truncate(self, length):
-        if self.pending is not None:
-            keep = length - self.length
-            self.pending = self.pending[:, :keep] if keep > 0 else None
-        self.length = min(self.length, length)
+        """Keep the first `length` tokens: an int for every row, or (B,) lengths, one a row."""
+        if isinstance(length, int) and isinstance(self.length, int):
+            if self.pending is not None:
+                keep = length - self.length
+                self.pending = self.pending[:, :keep] if keep > 0 else None
+            self.length = min(self.length, length)
+            return
+        assert self.pending is None, "pending K/V is kept for one length in every row only"
+        new = torch.minimum(torch.as_tensor(self.length), torch.as_tensor(length))
+        self.length = int(new[0]) if (new == new[0]).all() else new  # back to one length when rows agree
+
+
+    def set_rows(self, rows, other, batch):
+        """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows with
+        one length, holds: a row's context refilled while the other rows go on."""
+        assert self.pending is None and other.pending is None and isinstance(other.length, int)
+        if other.k is not None:
+            if self.k is None:
+                self.k = other.k.new_empty(batch, *other.k.shape[1:])
+                self.v = other.v.new_empty(batch, *other.v.shape[1:])
+            self.k[rows, :, : other.length] = other.k[:, :, : other.length]
+            self.v[rows, :, : other.length] = other.v[:, :, : other.length]
+        length = torch.full((batch,), self.length, device=rows.device) if isinstance(self.length, int) else self.length.clone()
+        length[rows] = other.length
+        self.length = int(length[0]) if (length == length[0]).all() else length
 
 
 def new_cache(n_layer):

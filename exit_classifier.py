@@ -111,14 +111,15 @@ class CascadeBlock(nn.Module):
     def __init__(self, cfg, n_layer, embed=False):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd) if embed else None
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed else None
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed and cfg.pos == "learned" else None
         self.h = nn.ModuleList([ee.Block(cfg) for _ in range(n_layer)])
         self.head = ee.ExitHead(cfg)
         self.apply(ee.init_weights)
 
     def forward(self, x, live=None):  # x: (B, T) ids or (B, T, C) states; live: (B, T) bool or None = all
         if self.wte is not None:
-            x = self.wte(x) + self.wpe(torch.arange(x.size(1), device=x.device))  # (B, T, C)
+            x = self.wte(x)  # (B, T, C); rotary positions enter in attention, learned ones here
+            x = x + self.wpe(torch.arange(x.size(1), device=x.device)) if self.wpe is not None else x
         for layer in self.h:  # a token not live keeps its state and only lends it as K/V [2]
             x = layer(x, live)
         return x, self.head(x)  # (B, T, C), (B, T, V)

@@ -75,69 +75,95 @@ def summarize(ce, depth, cfg, threshold):
 
 
 @torch.no_grad()
-def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax"):
+def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax", whole_batch=False):
     """The same figures as routed_metrics, measured with true early exit (one pass a threshold:
-    which states the deep layers see depends on who exited)."""
+    which states the deep layers see depends on who exited). whole_batch: CALM's rule, over
+    batch_size windows read side by side."""
     model.eval()
     ce, depth = [], []
     for x, y in eval_windows(data, model.config.block_size, batch_size):
-        logits, d, _ = model.forward_exit(x.to(device), threshold, confidence)
+        logits, d, _ = model.forward_exit(x.to(device), threshold, confidence, whole_batch=whole_batch)
         ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
         depth.append(d.flatten().cpu())
     return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold)
 
 
 # ----------------------------------------------------------------------------------------------
-# the oracle frontier [2]: with hindsight, send deep the n tokens whose CE drops most with depth
+# the oracle frontier [2]: with hindsight, each token leaves where depth helps it least
 
 
-def oracle_ce(stats, cfg):
-    """(N+1,) mean CE of the best router sending exactly n = 0..N tokens deep (one exit point).
-    Sorting the per-token gain CE_exit - CE_final and summing it gives every budget at once."""
-    ce_exit, ce_final = stats["ce"][cfg.exits[0]].double(), stats["ce"][cfg.n_layer].double()
-    gain = (ce_exit - ce_final).sort(descending=True).values
-    return (ce_exit.sum() - torch.cat([gain.new_zeros(1), gain.cumsum(0)])) / len(gain)
+class Oracle:
+    """The best any router could do with this model: for each compute budget, the lowest mean CE
+    of a choice of exit per token, knowing every token's losses. One exit point: exact for every
+    number n of tokens sent deep (sort the gains CE_exit - CE_final, add them up). Several: a
+    Lagrangian sweep (each token leaves where CE + lam * depth / L is least, over a range of lam),
+    which finds the frontier's lower convex hull."""
 
+    def __init__(self, stats, cfg):
+        self.cfg, L, self.n = cfg, cfg.n_layer, len(stats["ce"][cfg.n_layer])
+        if len(cfg.exits) == 1:  # exact: n = 0..N tokens deep
+            k = cfg.exits[0]
+            ce_exit, ce_final = stats["ce"][k].double(), stats["ce"][L].double()
+            gain = (ce_exit - ce_final).sort(descending=True).values
+            self.ce = (ce_exit.sum() - torch.cat([gain.new_zeros(1), gain.cumsum(0)])) / self.n
+            self.compute = 100.0 * (k / L + (1 - k / L) * torch.arange(self.n + 1, dtype=torch.float64) / self.n)
+            return
+        ce = torch.stack([stats["ce"][k].double() for k in [*cfg.exits, L]], 1)  # (N, depths)
+        depths = torch.tensor([*cfg.exits, L], dtype=torch.float64)
+        # every lam at which some token would switch between two depths, a few hundred of them
+        switch = [(ce[:, i] - ce[:, j]) * L / (depths[j] - depths[i]) for i in range(len(depths)) for j in range(i + 1, len(depths))]
+        switch = torch.cat(switch)
+        lams = torch.cat([torch.zeros(1), switch[switch > 0].quantile(torch.linspace(0, 1, 400, dtype=torch.float64)), switch.max().clamp(min=0).view(1) + 1])
+        pick = (ce.unsqueeze(0) + lams.view(-1, 1, 1) * depths / L).argmin(-1)  # (lams, N)
+        points = torch.stack([100.0 * depths[pick].mean(1) / L, ce.gather(1, pick.T).mean(0)], 1).unique(dim=0)
+        self.compute, self.ce = points[:, 0], points[:, 1]  # ascending compute, falling CE
 
-def oracle_compute(n_deep, n, cfg):
-    """Compute% with n_deep of n tokens through every layer and the rest leaving at the exit."""
-    k, L = cfg.exits[0], cfg.n_layer
-    return 100.0 * (k / L + (1 - k / L) * n_deep / n)
+    def at(self, depth):
+        """The oracle's mean CE at this routing's compute: with one exit, the same number of deep
+        tokens; with several, the best frontier point that uses no more compute."""
+        if len(self.cfg.exits) == 1:
+            return self.ce[int((depth == self.cfg.n_layer).sum())].item()
+        ok = self.compute <= 100.0 * depth.double().mean().item() / self.cfg.n_layer + 1e-9
+        return self.ce[ok].min().item() if ok.any() else self.ce[0].item()
 
+    def least_compute(self, max_ppl):
+        """The least Compute% at which the oracle's PPL is within max_ppl (100 if nowhere)."""
+        ok = self.ce.exp() <= max_ppl
+        return self.compute[ok].min().item() if ok.any() else 100.0
 
-def oracle_frontier(stats, cfg, points=101):
-    """The oracle's (Compute%, PPL) at `points` evenly spaced shares of tokens sent deep."""
-    orc, n = oracle_ce(stats, cfg), len(stats["ce"][cfg.n_layer])
-    deep = [round(n * j / (points - 1)) for j in range(points)]
-    return [{"compute": oracle_compute(d, n, cfg), "ppl": math.exp(orc[d].item())} for d in deep]
+    def frontier(self, points=101):
+        """(Compute%, PPL) points along the frontier: evenly spaced shares of tokens sent deep with
+        one exit; the hull's points with several (at most `points` of them)."""
+        idx = torch.linspace(0, len(self.ce) - 1, min(points, len(self.ce))).round().long()
+        if len(self.cfg.exits) == 1:
+            idx = torch.tensor([round(self.n * j / (points - 1)) for j in range(points)])
+        return [{"compute": self.compute[i].item(), "ppl": math.exp(self.ce[i].item())} for i in idx.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------
 # the sweep: one row a (measure, threshold), and seed 002's analysis of them
 
 
-def masked_sweep(stats, cfg, thresholds, measures):
+def masked_sweep(stats, cfg, thresholds, measures, oracle=None):
     """One row a (measure, threshold), all read from one token_stats pass, with the oracle's PPL
-    at the row's compute (the same number of deep tokens) beside it."""
-    full, orc = ppl(stats["ce"][cfg.n_layer]), oracle_ce(stats, cfg)
+    at the row's compute beside it."""
+    full, oracle = ppl(stats["ce"][cfg.n_layer]), oracle or Oracle(stats, cfg)
     rows = []
     for m in measures:
         for t in thresholds:
             r = {"confidence": m, **routed_metrics(stats, t, cfg, m)}
-            n_deep = int((routed_depth(stats, t, cfg, m) == cfg.n_layer).sum())
             r["delta_ppl"] = 100.0 * (r["ppl"] / full - 1)
-            r["oracle_ppl"] = math.exp(orc[n_deep].item())
+            r["oracle_ppl"] = math.exp(oracle.at(routed_depth(stats, t, cfg, m)))
             rows.append(r)
     return rows
 
 
-def analyse(rows, full, budget, orc, cfg):
+def analyse(rows, full, budget, oracle):
     """Seed 002's analysis: best PPL, most compute saved within +budget% PPL, maximum efficiency;
     and how little compute the oracle needs within the same budget."""
     limit = full * (1 + budget / 100)
     within = [r for r in rows if r["ppl"] <= limit]
-    n_ok = int((orc.exp() <= limit).nonzero()[0]) if (orc.exp() <= limit).any() else len(orc) - 1
     return {"best_ppl": min(rows, key=lambda r: r["ppl"]),
             "within_budget": min(within, key=lambda r: (r["compute"], r["ppl"])) if within else None,
             "max_efficiency": min(rows, key=lambda r: (r["compute"], r["ppl"])),
-            "oracle_compute_within_budget": oracle_compute(n_ok, len(orc) - 1, cfg)}
+            "oracle_compute_within_budget": oracle.least_compute(limit)}

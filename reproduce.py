@@ -140,7 +140,7 @@ def measure_model(path, args):
         with cli.autocast(args.device):
             e = measure.exit_metrics(model, ids, t, 64, args.device)
         rec.update({f"exit/{t:g}/{m}": e[m] for m in ("ppl", "shallow", "compute", "flops")})
-    for j, o in enumerate(measure.oracle_frontier(stats, cfg, ORACLE_POINTS)):
+    for j, o in enumerate(measure.Oracle(stats, cfg).frontier(ORACLE_POINTS)):
         rec[f"oracle/{j}/ppl"], rec[f"oracle/{j}/compute"] = o["ppl"], o["compute"]
     return rec
 

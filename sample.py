@@ -1,9 +1,11 @@
 """
 Generate text from a checkpoint with true early exit and a KV cache, each character coloured by
-the depth that produced it, with tokens/s and the fraction that exited early.
+the depth that produced it, with tokens/s and the fraction that exited early; or with
+self-speculative decoding (the exit drafts, the full model verifies: the full model's own text).
 
     python sample.py ckpt.pt --prompt "The " --threshold 0.8
     python sample.py ckpt.pt --threshold 1.0 --temperature 0      # greedy, full depth
+    python sample.py ckpt.pt --speculative 4 --temperature 0      # the same text, drafts of 4
     python sample.py ckpt.pt --num-samples 4 --max-new-tokens 300 --color never
 """
 
@@ -15,6 +17,7 @@ import torch
 import checkpoint as ck
 import cli
 import eemini as ee
+import speculative
 
 SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones plain
 
@@ -25,7 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="\n", help="text to continue (characters unseen in training map to unknown)")
     p.add_argument("--max-new-tokens", type=cli.number(int, 1), default=500, help="characters to generate per sample")
     p.add_argument("--num-samples", type=cli.number(int, 1), default=1, help="samples, generated together as one batch")
-    p.add_argument("--threshold", type=cli.threshold, default=0.9, help="exit when confidence >= this (1.0 = full depth)")
+    p.add_argument("--threshold", type=cli.comma_list(cli.threshold), default=[0.9], help="exit when confidence >= "
+                   "this (1.0 = full depth); one for every exit, or a comma list with one an exit")
+    p.add_argument("--speculative", type=cli.number(int, 0), default=0, help="self-speculative decoding with drafts "
+                   "of up to this many characters (0 = off): the full model's text, not early exit's")
+    p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first)")
     p.add_argument("--confidence", default="softmax", choices=sorted(ee.CONFIDENCE), help="confidence measure")
     p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=cli.number(int, 0), default=0, help="sample from the k most likely characters (0 = all)")
@@ -36,6 +43,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("--prompt is empty; give at least one character")
+    if not args.threshold:
+        p.error("--threshold is empty")
     return args
 
 
@@ -45,20 +54,36 @@ def render(text, depths, n_layer, color):
     return "".join(f"{SHALLOW}{ch}{RESET}" if d < n_layer else ch for ch, d in zip(text, depths))
 
 
+def thresholds(args, cfg):
+    """--threshold as the model takes it: one number, or {exit: threshold} with one an exit."""
+    if len(args.threshold) == 1:
+        return args.threshold[0]
+    if len(args.threshold) != len(cfg.exits):
+        raise ee.EEminiError(f"--threshold has {len(args.threshold)} values; give one, or one for each of the "
+                             f"exits {cfg.exits}")
+    return dict(zip(cfg.exits, args.threshold))
+
+
 def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg = model.config
-    if cfg.trained_exits != cfg.exits and args.threshold < 1.0:
+    threshold = thresholds(args, cfg)
+    if cfg.trained_exits != cfg.exits and (min(args.threshold) < 1.0 or args.speculative):
         why = "has no exit point" if not cfg.exits else f"was trained with loss weights {cfg.loss_weights}: its exit head was never trained"
         raise ee.EEminiError(f"{args.checkpoint} {why}; generate at full depth with --threshold 1.0")
     prompt = vocab.encode(args.prompt).to(device).repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with cli.autocast(device):
-        ids, depths = model.generate(prompt, args.max_new_tokens, args.threshold, args.temperature,
-                                     args.top_k or None, args.confidence, gen)
+        if args.speculative:
+            ids, stats = speculative.generate(model, prompt, args.max_new_tokens, args.draft_exit or cfg.exits[0],
+                                              args.speculative, args.temperature, args.top_k or None, gen)
+            depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
+        else:
+            ids, depths = model.generate(prompt, args.max_new_tokens, threshold, args.temperature,
+                                         args.top_k or None, args.confidence, gen)
     cli.synchronize(device)
     dt = time.perf_counter() - t0
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -66,10 +91,15 @@ def main(args):
         new = ids[i, prompt.size(1):].tolist()
         print(args.prompt + render(vocab.decode(new), depths[i].tolist(), cfg.n_layer, color))
         print("-" * 60)
+    speed = f"{depths.numel():,} characters in {dt:.2f}s = {depths.numel() / dt:,.0f} tok/s"
+    if args.speculative:
+        print(f"{speed} | self-speculative, drafts of up to {args.speculative} by the exit after layer "
+              f"{args.draft_exit or cfg.exits[0]}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
+              f"characters a full-model pass")
+        return
     exited = ", ".join(f"at layer {k}: {100 * (depths == k).float().mean().item():.1f}%" for k in cfg.exits) or "none"
-    print(f"{depths.numel():,} characters in {dt:.2f}s = {depths.numel() / dt:,.0f} tok/s | exited {exited} | "
-          f"Compute {ee.compute_percent(depths, cfg.n_layer):.1f}% | threshold {args.threshold}"
-          + (f" | {SHALLOW}green{RESET} = exited early" if color else ""))
+    print(f"{speed} | exited {exited} | Compute {ee.compute_percent(depths, cfg.n_layer):.1f}% | threshold "
+          f"{','.join(f'{t:g}' for t in args.threshold)}" + (f" | {SHALLOW}green{RESET} = exited early" if color else ""))
 
 
 if __name__ == "__main__":

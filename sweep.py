@@ -133,11 +133,13 @@ def write_files(args, result, series):
 
 
 def run_sweep(model, ids, args, device):
-    """token_stats once, every masked row from it; in exit / both mode, one true-exit pass a row."""
+    """token_stats once, every masked row from it; in exit / both mode, one true-exit pass a row.
+    Returns the statistics, the rows and the oracle."""
     t0, cfg = time.time(), model.config
     with cli.autocast(device):
         stats = measure.token_stats(model, ids, args.eval_batch_size, device)
-    rows = measure.masked_sweep(stats, cfg, args.thresholds, args.confidence)
+    oracle = measure.Oracle(stats, cfg)
+    rows = measure.masked_sweep(stats, cfg, args.thresholds, args.confidence, oracle)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"masked: one pass over {len(stats['ce'][cfg.n_layer]):,} tokens, {len(rows)} rows read from it, "
           f"{time.time() - t0:.2f} s")
@@ -151,7 +153,7 @@ def run_sweep(model, ids, args, device):
             else:  # the true-exit figures replace the masked ones; the oracle stays the masked one
                 r.update(e, delta_ppl=100.0 * (e["ppl"] / full - 1))
         print(f"true early exit: {len(rows)} passes, {time.time() - t0:.2f} s")
-    return stats, rows, full
+    return stats, rows, oracle
 
 
 def main(args):
@@ -164,26 +166,26 @@ def main(args):
     trained = ckpt.get("args") or {}
     ids, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
                            args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
-    stats, rows, full = run_sweep(model, ids, args, device)
-    orc = measure.oracle_ce(stats, cfg)
-    print(f"full depth ({cfg.n_layer}L) PPL {full:.3f} | exit only ({cfg.exits[0]}L) PPL "
-          f"{measure.ppl(stats['ce'][cfg.exits[0]]):.3f} | best oracle PPL {orc.min().exp().item():.3f}")
+    stats, rows, oracle = run_sweep(model, ids, args, device)
+    full = measure.ppl(stats["ce"][cfg.n_layer])
+    exits = " | ".join(f"exit only ({k}L) PPL {measure.ppl(stats['ce'][k]):.3f}" for k in cfg.exits)
+    print(f"full depth ({cfg.n_layer}L) PPL {full:.3f} | {exits} | best oracle PPL {oracle.ce.min().exp().item():.3f}")
 
     analysis, series = {}, []
     for m in args.confidence:
         mine = [r for r in rows if r["confidence"] == m]
         print_table(mine, args.mode, m)
-        analysis[m] = measure.analyse(mine, full, args.max_ppl_increase, orc, cfg)
+        analysis[m] = measure.analyse(mine, full, args.max_ppl_increase, oracle)
         print_analysis(analysis[m], args.max_ppl_increase)
         series.append((f"{m} ({'true exit' if args.mode == 'exit' else 'masked'})", [(r["compute"], r["ppl"]) for r in mine]))
         if args.mode == "both":
             series.append((f"{m} (true exit)", [(r["compute"], r["exit_ppl"]) for r in mine]))
-    oracle = measure.oracle_frontier(stats, cfg)
-    print_plot(series, oracle)
+    frontier = oracle.frontier()
+    print_plot(series, frontier)
 
     result = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split,
               "tokens": len(stats["ce"][cfg.n_layer]), "mode": args.mode, "full_depth_ppl": full,
-              "max_ppl_increase": args.max_ppl_increase, "rows": rows, "oracle": oracle,
+              "max_ppl_increase": args.max_ppl_increase, "rows": rows, "oracle": frontier,
               "analysis": {m: {k: v["threshold"] if isinstance(v, dict) else v for k, v in a.items() if v}
                            for m, a in analysis.items()}}
     write_files(args, result, series)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,10 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint as ck
 import cli
 import eemini as ee
+import optim
 from data import get_batch, load_data
 from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
+GPT2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw"}  # --gpt2
 RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads", "compile", "out", "resume",
                 "overwrite", "restart_schedule")
 
@@ -48,6 +50,12 @@ def parse_args(argv=None):
     g.add_argument("--ffn-dim", type=cli.number(int, 0), default=0, help="MLP hidden width (0 = 4 * n-embd)")
     g.add_argument("--block-size", type=cli.number(int, 1), default=128, help="context length in characters")
     g.add_argument("--dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0, help="dropout rate")
+    g.add_argument("--pos", default="rope", choices=ee.ROPE, help="rotary positions, or GPT-2's learned embedding")
+    g.add_argument("--norm", default="rms", choices=sorted(ee.NORMS), help="RMSNorm, or GPT-2's LayerNorm")
+    g.add_argument("--mlp", default="relu2", choices=sorted(ee.MLPS), help="the MLP's nonlinearity")
+    g.add_argument("--qk-norm", action="store_true", help="RMS-normalise queries and keys")
+    g.add_argument("--gpt2", action="store_true", help="start from GPT-2's layout and optimiser (--pos learned "
+                   "--norm layer --mlp gelu --optimizer adamw), for comparison; flags given beside it still count")
     g = p.add_argument_group("early exit")
     g.add_argument("--exit-layers", type=cli.comma_list(cli.number(int, 0)), default=[1],
                    help="exit points, comma list, each in 1..n_layer-1 (0 = a plain GPT without an exit, e.g. "
@@ -59,11 +67,14 @@ def parse_args(argv=None):
                    help="one loss weight a layer, comma list (e.g. 0,0.7,0,0.3); overrides --loss")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="muon", choices=optim.OPTIMIZERS, help="Muon for the blocks' matrices "
+                   "and AdamW for the rest, or AdamW for all")
+    g.add_argument("--muon-lr", type=cli.number(float, 0.0), default=0.02, help="Muon's peak learning rate")
     g.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="sequences per step per process")
     g.add_argument("--grad-accum", type=cli.number(int, 1), default=1, help="micro-batches per step (keeps "
                    "the global batch when the number of processes changes)")
-    g.add_argument("--lr", type=cli.number(float, 0.0), default=3e-3, help="peak learning rate (linear warmup, "
-                   "cosine decay)")
+    g.add_argument("--lr", type=cli.number(float, 0.0), default=3e-3, help="AdamW's peak learning rate (linear "
+                   "warmup, cosine decay; Muon's follows the same schedule)")
     g.add_argument("--min-lr", type=cli.number(float, 0.0), default=3e-4, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-iters", type=cli.number(int, 0), default=100, help="linear warmup steps")
     g.add_argument("--max-iters", type=cli.number(int, 1), default=2000, help="total optimisation steps")
@@ -84,6 +95,9 @@ def parse_args(argv=None):
     cli.add_device(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     args = p.parse_args(argv)
+    if args.gpt2:  # GPT-2's choices become the defaults, so that e.g. --gpt2 --optimizer muon means what it says
+        p.set_defaults(**GPT2)
+        args = p.parse_args(argv)
     check_args(p, args)
     return args
 
@@ -116,13 +130,14 @@ class Run:
     args: object
     raw: ee.GPT  # the model itself: evaluated and saved
     model: torch.nn.Module  # what the loop calls: raw, maybe compiled and DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # optim.configure_optimizers: [Muon, AdamW] or [AdamW]
     vocab: object
     device: str
     rank: int = 0
     world: int = 1
     step: int = 0
     best_val: float = float("inf")
+    history: list = field(default_factory=list)  # [{'step': n, 'val_ppl': {layer: ppl}}] at every evaluation
 
     def log(self, *a, **k):  # rank 0 speaks for every process
         if self.rank == 0:
@@ -154,6 +169,8 @@ def load_for_resume(args):
     ck.model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
     if "optimizer" not in ckpt:
         raise ee.EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
+    if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
+        ckpt["optimizer"] = [ckpt["optimizer"]]
     merged = {**vars(args), "schedule_iters": ckpt["args"].get("max_iters"), **ckpt["args"],
               **{k: getattr(args, k) for k in RESUME_KEEPS}}
     if args.restart_schedule:
@@ -182,32 +199,15 @@ def build_model(args, vocab):
     weights = ee.layer_weights(args.loss, args.n_layer, args.exit_layers, args.alpha, args.layer_weights or None)
     return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
-                               exits=args.exit_layers, loss_weights=weights))
-
-
-def configure_optimizer(model, args):
-    """AdamW; weight decay on matrices only (not on gains and biases)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-
-
-def get_lr(it, args):
-    """Linear warmup to lr, then cosine decay to min_lr at schedule_iters (max_iters, unless a resumed
-    run keeps the end of the schedule it was trained with); min_lr after that."""
-    if it < args.warmup_iters:
-        return args.lr * (it + 1) / args.warmup_iters
-    ratio = min(1.0, (it - args.warmup_iters) / max(1, args.schedule_iters - args.warmup_iters))
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+                               exits=args.exit_layers, loss_weights=weights, pos=args.pos, norm=args.norm,
+                               mlp=args.mlp, qk_norm=args.qk_norm))
 
 
 def train_step(run, train_data, gen):
     """One optimisation step (grad-accum micro-batches). Batches and dropout masks are a function of
     (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would."""
-    args, lr = run.args, get_lr(run.step, run.args)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    args, lr = run.args, optim.get_lr(run.step, run.args)
+    optim.set_lr(run.optimizers, lr)
     step_seed = args.seed * 1_000_003 + run.step * run.world + run.rank
     gen.manual_seed(step_seed)
     torch.manual_seed(step_seed + 500_009)
@@ -219,8 +219,9 @@ def train_step(run, train_data, gen):
         (loss / args.grad_accum).backward()
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    for opt in run.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     run.step += 1
     return lr, loss, logits, y
 
@@ -236,12 +237,14 @@ def evaluate(run, val, thresholds):
 
 def save(run, metrics):
     ck.save_checkpoint(run.args.out, run.raw, run.vocab, args=vars(run.args), step=run.step, best_val=run.best_val,
-                       metrics=metrics, optimizer=run.optimizer.state_dict(), seed=run.args.seed)
+                       history=run.history,
+                       metrics=metrics, optimizer=[o.state_dict() for o in run.optimizers], seed=run.args.seed)
 
 
 def eval_and_save(run, val):
     layers, (r,) = evaluate(run, val, [run.args.threshold])
     run.best_val = min(run.best_val, math.log(layers[run.raw.config.n_layer]))
+    run.history.append({"step": run.step, "val_ppl": layers})
     run.log(f"eval {run.step:6d} | val ppl " + " ".join(f"L{k} {p:.3f}" for k, p in layers.items())
             + f" | routed@{run.args.threshold:.2f} ppl {r['ppl']:.3f} shallow {r['shallow']:5.1f}% "
             f"compute {r['compute']:5.1f}% flops {r['flops']:5.1f}%")
@@ -373,7 +376,7 @@ def main(args):
         torch.manual_seed(args.seed)
         vocab, train_data, val = load_text(args, ckpt, rank, world)
         raw = build_model(args, vocab).to(device)
-        run = Run(args, raw, raw, configure_optimizer(raw, args), vocab, device, rank, world)
+        run = Run(args, raw, raw, optim.configure_optimizers(raw, args), vocab, device, rank, world)
         if ckpt is not None:
             resume(run, ckpt)
         if args.compile:
@@ -398,8 +401,9 @@ def main(args):
 def resume(run, ckpt):
     """Weights, optimizer state, step and best val from the checkpoint; say where the schedule goes."""
     ck.load_weights(run.raw, ckpt["model"], run.args.out)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.step, run.best_val = ckpt["step"], ckpt["best_val"]
+    for opt, state in zip(run.optimizers, ckpt["optimizer"], strict=True):
+        opt.load_state_dict(state)
+    run.step, run.best_val, run.history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
     a = run.args
     run.log(f"resuming from step {run.step} of {a.out} | " + (
         f"the learning-rate schedule restarts: cosine from step 0 to {a.schedule_iters}" if a.restart_schedule else

@@ -1,9 +1,12 @@
 """
-Generation speed with true early exit: tokens/s of the plain full-depth model against early exit at
-a threshold where about half the characters exit, side by side in one run, at batch 1 and a larger
-batch; beside the layer-count speedup and the PPL that true early exit costs at that threshold.
+Generation speed: tokens/s of full depth, confidence exit (each row leaves on its own), CALM's whole-
+batch rule (a position leaves only when every row is confident) and self-speculative decoding (the
+exit drafts, the full model verifies), side by side in one run, at several batch sizes. Greedy
+decoding throughout, so that speculative decoding's output can be checked against full depth's.
+Beside each: how much exits (or is accepted), the layer-count speedup, and the PPL it costs.
 
     python bench/generate.py ckpt.pt --data ../shared/data/wikitext-2
+    python bench/generate.py big.pt --batch-sizes 1,16,128 --new-tokens 200
 """
 
 import statistics
@@ -18,6 +21,7 @@ import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 import measure  # noqa: E402
+import speculative  # noqa: E402
 from data import eval_ids  # noqa: E402
 
 
@@ -28,19 +32,37 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=cli.comma_list(cli.number(int, 1)), default=[1, 16],
                    help="generation batch sizes, comma list")
     p.add_argument("--new-tokens", type=cli.number(int, 1), default=300, help="characters generated per timed run")
-    p.add_argument("--rounds", type=cli.number(int, 1), default=10, help="rounds, alternating full depth and early exit")
+    p.add_argument("--rounds", type=cli.number(int, 1), default=5, help="rounds, each timing every method once")
+    p.add_argument("--threshold", type=cli.threshold, default=None, help="confidence threshold for the exit methods "
+                   "(default: the median exit confidence on the text, so that about half the characters exit)")
+    p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1)), default=[2, 3, 4, 6],
+                   help="speculative drafts to try; the fastest (with the best draft exit) is timed")
     cli.add_device(p)
     return p.parse_args(argv)
 
 
-def tokens_per_s(model, prompt, new, threshold, device, seed):
-    gen = torch.Generator(device=device).manual_seed(seed)
+def timed(fn, device):
     cli.synchronize(device)
     t0 = time.perf_counter()
-    with cli.autocast(device):
-        _, depths = model.generate(prompt, new, threshold, temperature=1.0, generator=gen)
+    out = fn()
     cli.synchronize(device)
-    return prompt.size(0) * new / (time.perf_counter() - t0), depths
+    return time.perf_counter() - t0, out
+
+
+def methods(model, tau, spec):
+    """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy."""
+    e, k = spec
+    return {"full depth": lambda x, n: model.generate(x, n, None, temperature=0),
+            "confidence exit (per row)": lambda x, n: model.generate(x, n, tau, temperature=0),
+            "CALM batch rule": lambda x, n: model.generate(x, n, tau, temperature=0, whole_batch=True),
+            f"self-speculative (exit {e}, K={k})": lambda x, n: speculative.generate(model, x, n, e, k, temperature=0)}
+
+
+def fastest_draft(model, prompt, new, lengths, device):
+    """The (draft exit, K) with the most tokens/s on one short run each (chosen before the timed rounds)."""
+    runs = {(e, k): timed(lambda: speculative.generate(model, prompt, new // 2, e, k, temperature=0), device)[0]
+            for e in model.config.trained_exits for k in lengths}
+    return min(runs, key=runs.get)
 
 
 def main(args):
@@ -48,33 +70,47 @@ def main(args):
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg = model.config
+    if not cfg.trained_exits:
+        raise ee.EEminiError(f"{args.checkpoint} has no trained exit to benchmark")
     trained = ckpt.get("args") or {}
     val, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
                            args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
     stats = measure.token_stats(model, val, 64, device)
-    tau = round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)  # ~50% exit on val text
-    full, exit_row = measure.exit_metrics(model, val, 1.0, 64, device), measure.exit_metrics(model, val, tau, 64, device)
-    print(f"device {device} ({torch.get_num_threads()} threads) | {args.checkpoint}: {cfg.n_layer} layers, exit after "
-          f"{cfg.exits[0]}, n_embd {cfg.n_embd} | threshold {tau} (median exit confidence on {len(val):,} chars of {source})")
-    print(f"true-exit PPL: full depth {full['ppl']:.3f} -> early exit {exit_row['ppl']:.3f} "
-          f"({100 * (exit_row['ppl'] / full['ppl'] - 1):+.1f}%), shallow {exit_row['shallow']:.1f}%")
-    print("| batch | full depth tok/s | early exit tok/s | speedup | shallow | layer-count speedup | ratio |")
+    tau = args.threshold if args.threshold is not None else round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)
+    full = measure.ppl(stats["ce"][cfg.n_layer])
+    print(f"device {device} | {cli.machine(device)}")
+    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau} | "
+          f"{args.new_tokens} new characters a run, greedy | median of {args.rounds} interleaved rounds")
+    print("\n| batch | method | tok/s | speedup | exited / accepted | layer-count speedup | PPL cost |")
     print("|---|---|---|---|---|---|---|")
     for bs in args.batch_sizes:
-        prompt = val[:32].to(device).repeat(bs, 1)
-        fast, slow, depths = [], [], None
+        prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
+        spec = fastest_draft(model, prompt, args.new_tokens, args.draft_lengths, device)
+        runs = methods(model, tau, spec)
+        secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up
-            f, _ = tokens_per_s(model, prompt, args.new_tokens, None, device, r)
-            e, depths = tokens_per_s(model, prompt, args.new_tokens, tau, device, r)
-            if r:
-                slow.append(f)
-                fast.append(e)
-        speedup = statistics.median(fast) / statistics.median(slow)
-        layer_speedup = 100.0 / ee.compute_percent(depths, cfg.n_layer)
-        print(f"| {bs} | {statistics.median(slow):,.0f} | {statistics.median(fast):,.0f} | {speedup:.2f}x "
-              f"| {100 * (depths < cfg.n_layer).float().mean():.1f}% | {layer_speedup:.2f}x "
-              f"| {speedup / layer_speedup:.2f} |")
-    print("full depth = the plain model (no exit checks); ratio = measured / layer-count speedup (target >= 0.8)")
+            for name, fn in runs.items():
+                t, outs[name] = timed(lambda: fn(prompt, args.new_tokens), device)
+                if r:
+                    secs[name].append(t)
+        same = torch.equal(outs["full depth"][0], outs[next(n for n in runs if n.startswith("self"))][0])
+        base = statistics.median(secs["full depth"])
+        for name in runs:
+            speed = bs * args.new_tokens / statistics.median(secs[name])
+            extra = outs[name][1]
+            if isinstance(extra, speculative.Stats):
+                shown = f"{100 * extra.acceptance:.0f}% accepted, {extra.per_cycle:.2f} chars/pass"
+                layer, cost = "—", "0 (output identical)" if same else "OUTPUT DIFFERS"
+            elif name == "full depth":
+                shown, layer, cost = "—", "1.00x", "—"
+            else:
+                shown = f"{100 * (extra < cfg.n_layer).float().mean():.0f}% exited"
+                layer = f"{100 / ee.compute_percent(extra, cfg.n_layer):.2f}x"
+                e = measure.exit_metrics(model, val, tau, bs, device, whole_batch=name.startswith("CALM"))
+                cost = f"{100 * (e['ppl'] / full - 1):+.1f}%"
+            print(f"| {bs} | {name} | {speed:,.0f} | {base * speed / (bs * args.new_tokens):.2f}x | {shown} | {layer} | {cost} |")
+    print(f"\nPPL cost: true-exit PPL at the threshold over full depth's ({full:.3f}) on {len(val):,} characters of "
+          f"{source} (the batch rule read with as many windows side by side as the batch)")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def test_sweep_sample_and_benchmarks_run_on_it(trained):
     assert code == 0 and "tok/s" in out, err
     code, out, err = run("bench/sweep_speed.py", ckpt, "--repeats", "1")
     assert code == 0 and "ratio" in out, err
-    code, out, err = run("bench/generate.py", ckpt, "--batch-sizes", "1,2", "--rounds", "1", "--new-tokens", "8")
-    assert code == 0 and [line.split(" |")[0] for line in out.splitlines() if line[:4] in ("| 1 ", "| 2 ")] == ["| 1", "| 2"], err
+    code, out, err = run("bench/generate.py", ckpt, "--batch-sizes", "1,2", "--rounds", "1", "--new-tokens", "8",
+                         "--draft-lengths", "2")
+    rows = [line.split(" | ")[:2] for line in out.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
+    assert code == 0 and len(rows) == 8 and "OUTPUT DIFFERS" not in out, err
+    assert [m for _, m in rows[:4]] == ["full depth", "confidence exit (per row)", "CALM batch rule",
+                                        "self-speculative (exit 1, K=2)"]
     code, out, err = run("bench/train_step.py", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size",
                          "4", "--steps", "1", "--rounds", "1")
     assert code == 0 and "step-time ratio" in out, err

@@ -71,7 +71,7 @@ def test_heads_are_read_off_the_states_after_their_layer():
     """forward, forward_all_layers and forward_train against blocks and heads applied by hand."""
     model = make_model(loss_weights={2: 1.0, 3: 1.0})  # a head after layers 1 (the exit), 2 and 3
     x = torch.randint(0, 23, (2, 16))
-    h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+    h = model.embed(x)
     want = {}
     for k, block in enumerate(model.transformer.h, 1):
         h = block(h)
@@ -377,3 +377,49 @@ def test_flops_percent_counts_heads_and_the_kv_that_is_computed():
     # one exited token before a deep one: its K/V in layers 2 and 3
     mixed = (layer + head + 2 * kv) + (3 * layer + 2 * head) + 2 * (layer + head)
     assert ee.flops_percent(torch.tensor([[1, 3, 1, 1]]), cfg) == pytest.approx(100 * mixed / 4 / full)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe's parts: every layout keeps true exit and cached decoding exact
+
+LAYOUTS = {"gpt2": dict(pos="learned", norm="layer", mlp="gelu"), "recipe": {},
+           "swiglu+qk-norm": dict(mlp="swiglu", qk_norm=True)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_keeps_true_exit_and_cached_decoding_exact(layout):
+    model = make_model(n_layer=4, exits=[1, 2], **LAYOUTS[layout])
+    x = torch.randint(0, 23, (2, 16))
+    thr = mid_threshold(model, x)
+    logits, depth, _ = model.forward_exit(x, thr)
+    want, want_depth = reference_exit(model, x, thr)
+    assert torch.equal(depth, want_depth) and torch.allclose(logits, want, atol=1e-5)
+    cache = ee.new_cache(4)
+    steps = [model.forward_exit(x[:, t : t + 1], thr, cache=cache) for t in range(16)]
+    assert torch.allclose(torch.cat([s[0] for s in steps], 1), logits, atol=1e-5)
+    assert ("wpe" in model.transformer) == (layout == "gpt2")
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    """RoPE: q at position p and k at position p' score the same for every shift of both."""
+    cos, sin = ee.rotary_tables(ee.GPTConfig(block_size=64, n_embd=16, n_head=2))
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = [(ee.rotate(q, torch.tensor([p + 5]), cos, sin) * ee.rotate(k, torch.tensor([p]), cos, sin)).sum()
+             for p in (0, 7, 40)]
+    assert torch.allclose(torch.stack(score), score[0].expand(3), atol=1e-5)
+    assert not torch.allclose(ee.rotate(q, torch.tensor([3]), cos, sin), q)
+    assert torch.allclose(ee.rotate(q, torch.tensor([0]), cos, sin), q)  # position 0 is not turned
+
+
+def test_calm_batch_rule_moves_each_position_all_together():
+    """CALM's rule: at each position the batch leaves only if every row is confident there; with
+    one row it is the per-row rule."""
+    model = make_model(n_layer=4, exits=[1, 2])
+    x = torch.randint(0, 23, (3, 16))
+    thr = mid_threshold(model, x)
+    _, depth, _ = model.forward_exit(x, thr, whole_batch=True)
+    assert (depth == depth[:1]).all()  # every row left at the same layer at each position
+    _, row_depth, _ = model.forward_exit(x, thr)
+    assert (depth >= row_depth.max(0).values).all() and (depth < 4).any()  # and never earlier than any row
+    one, _, _ = model.forward_exit(x[:1], thr, whole_batch=True)
+    assert torch.equal(one, model.forward_exit(x[:1], thr)[0])

@@ -47,3 +47,27 @@ def test_refuses_an_untrained_exit_head(ckpts):
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(sample.parse_args, ["ckpt.pt", *argv], capsys)
+
+
+def test_speculative_gives_the_full_models_greedy_text(ckpts, capsys):
+    capsys.readouterr()
+    argv = [str(ckpts / "asym.pt"), "--prompt", "the ", "--max-new-tokens", "60", "--temperature", "0", "--color", "never"]
+    sample.main(sample.parse_args([*argv, "--threshold", "1.0"]))
+    full = capsys.readouterr().out.split("-" * 60)[0]
+    sample.main(sample.parse_args([*argv, "--speculative", "3"]))
+    printed = capsys.readouterr().out
+    assert printed.split("-" * 60)[0] == full and "accepted" in printed and "characters a full-model pass" in printed
+
+
+def test_one_threshold_per_exit(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text(__import__("conftest").tiny_text())
+    out = tmp_path / "two.pt"
+    train.main(train.parse_args(["--data", str(tmp_path / "tiny.txt"), "--out", str(out), *TINY_TRAIN,
+                                 "--n-layer", "4", "--exit-layers", "1,2"]))
+    capsys.readouterr()
+    sample.main(sample.parse_args([str(out), "--threshold", "0,1", "--max-new-tokens", "20", "--color", "never"]))
+    assert "exited at layer 1: 100.0%, at layer 2: 0.0%" in capsys.readouterr().out
+    sample.main(sample.parse_args([str(out), "--threshold", "1,0", "--max-new-tokens", "20", "--color", "never"]))
+    assert "exited at layer 1: 0.0%, at layer 2: 100.0%" in capsys.readouterr().out
+    msg = cli_error(sample.main, sample.parse_args, [str(out), "--threshold", "0.5,0.5,0.5"])
+    assert "one for each of the exits [1, 2]" in msg

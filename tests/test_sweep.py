@@ -82,12 +82,12 @@ def test_oracle_is_brute_force_best_and_beats_the_confidence_curve(ckpts):
     g = torch.Generator().manual_seed(0)
     stats = {"ce": {1: torch.rand(8, generator=g) * 3, 3: torch.rand(8, generator=g) * 3}}
     cfg = ee.GPTConfig(n_layer=3, exits=[1])
-    orc = measure.oracle_ce(stats, cfg)
+    oracle = measure.Oracle(stats, cfg)
     for n in range(9):
         best = min((stats["ce"][1].sum() - sum(stats["ce"][1][i] - stats["ce"][3][i] for i in deep)).item() / 8
                    for deep in itertools.combinations(range(8), n))
-        assert orc[n].item() == pytest.approx(best, rel=1e-6)
-    assert measure.oracle_compute(0, 8, cfg) == pytest.approx(100 / 3) and measure.oracle_compute(8, 8, cfg) == 100
+        assert oracle.ce[n].item() == pytest.approx(best, rel=1e-6)
+        assert oracle.compute[n].item() == pytest.approx(100 * (1 / 3 + 2 / 3 * n / 8))
 
     res = run_sweep(ckpts / "asym.pt", "--thresholds", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1",
                     "--confidence", "softmax", "margin", "entropy")
@@ -95,6 +95,23 @@ def test_oracle_is_brute_force_best_and_beats_the_confidence_curve(ckpts):
         assert r["oracle_ppl"] <= r["ppl"] * (1 + 1e-6)
     assert res["oracle"][0]["compute"] == pytest.approx(100 / 3) and res["oracle"][-1]["compute"] == 100
     assert res["oracle"][-1]["ppl"] == pytest.approx(res["full_depth_ppl"], rel=1e-6)
+
+
+def test_oracle_with_several_exits_is_on_the_brute_force_frontier():
+    """6 tokens, exits after layers 1 and 2 of 4: each of the 3**6 ways to place them has a compute
+    and a CE; no placement beats an oracle point (less CE for no more compute), and the oracle
+    reaches both ends (everything at the first exit; the best CE of all)."""
+    g = torch.Generator().manual_seed(1)
+    stats = {"ce": {k: torch.rand(6, generator=g) * 3 for k in (1, 2, 4)}}
+    cfg = ee.GPTConfig(n_layer=4, exits=[1, 2])
+    oracle = measure.Oracle(stats, cfg)
+    ce = torch.stack([stats["ce"][k] for k in (1, 2, 4)], 1).double()
+    brute = [(100 * sum((1, 2, 4)[c] for c in pick) / 6 / 4, sum(ce[i, c] for i, c in enumerate(pick)).item() / 6)
+             for pick in itertools.product(range(3), repeat=6)]
+    for c, e in zip(oracle.compute.tolist(), oracle.ce.tolist()):
+        assert not any(bc <= c + 1e-9 and be < e - 1e-9 for bc, be in brute)
+    assert oracle.compute[0].item() == pytest.approx(25.0) and oracle.ce[0].item() == pytest.approx(ce[:, 0].mean().item())
+    assert oracle.ce.min().item() == pytest.approx(min(be for _, be in brute))
 
 
 def test_csv_and_json_round_trip(ckpts, tmp_path):

@@ -81,14 +81,6 @@ def test_an_existing_checkpoint_is_never_overwritten_by_accident(text_file, tmp_
     assert out.read_bytes() != before
 
 
-def test_lr_schedule():
-    args = train.parse_args(["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "10", "--max-iters", "110"])
-    assert train.get_lr(0, args) == pytest.approx(1e-4)
-    assert train.get_lr(9, args) == pytest.approx(1e-3)
-    assert train.get_lr(60, args) == pytest.approx(5.5e-4)
-    assert train.get_lr(110, args) == pytest.approx(1e-4)
-
-
 @pytest.mark.parametrize("argv, match", [
     (["--alpha", "1.5"], "argument --alpha: 1.5 is outside [0.0, 1.0]"),
     (["--threshold", "-0.1"], "threshold -0.1 is outside [0, 1]"),

@@ -1,0 +1,152 @@
+"""speculative.py: self-speculative decoding is the full model's decoding, character for character
+(greedy) and in distribution (sampling), in every row of a batch that accepts at its own pace.
+
+Run: python -m pytest tests/test_speculative.py -q
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import eemini as ee
+import speculative
+from conftest import make_model
+
+
+def model64(depth=2.5, **kw):
+    """A tiny random model in float64, so that batched and one-at-a-time passes agree to far below any
+    gap between two logits (greedy comparisons never hinge on rounding). Its exit heads read the
+    final head's weights, and its blocks' matrices are scaled by `depth`, so that the exits agree
+    with the last layer often but not always, as trained ones do."""
+    model = make_model(**{"n_layer": 4, "exits": [1, 2], **kw}).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        for head in model.exit_heads.values():
+            head.head.weight.copy_(model.lm_head.weight)
+        for p in model.transformer.h.parameters():
+            p.mul_(depth if p.dim() == 2 else 1.0)
+    return model
+
+
+@pytest.mark.parametrize("draft_exit, k", [(1, 1), (2, 3), (1, 6)])
+def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k):
+    model = model64()
+    prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(k))
+    want, _ = model.generate(prompt, 60, threshold=1.0, temperature=0)  # block 16: refills at 17, 25, 33, ...
+    got, stats = speculative.generate(model, prompt, 60, draft_exit, k, temperature=0)
+    assert torch.equal(got, want)
+    assert 0 < stats.acceptance < 1 and stats.drafted > 0  # a random exit is sometimes right, sometimes not
+
+
+def test_each_row_is_what_it_would_be_alone():
+    model = model64()
+    prompt = torch.randint(0, 23, (4, 3), generator=torch.Generator().manual_seed(3))
+    batch, _ = speculative.generate(model, prompt, 40, 1, 4, temperature=0)
+    for b in range(4):
+        alone, _ = speculative.generate(model, prompt[b : b + 1], 40, 1, 4, temperature=0)
+        assert torch.equal(batch[b], alone[0])
+
+
+def full_model_as_draft(model, e):
+    """Make the exit after layer e compute exactly the full model: layers above e do nothing (their
+    residual branches output zero) and exit head e is the final head."""
+    for block in model.transformer.h[e:]:
+        block.attn.c_proj.weight.data.zero_()
+        block.mlp.c_proj.weight.data.zero_()
+    model.exit_heads[str(e)].load_state_dict({"ln." + k: v for k, v in model.transformer.ln_f.state_dict().items()}
+                                             | {"head.weight": model.lm_head.weight.data})
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_draft_that_is_the_full_model_is_always_accepted(temperature):
+    model = full_model_as_draft(model64(), 2)
+    prompt = torch.randint(0, 23, (2, 4))
+    _, stats = speculative.generate(model, prompt, 50, 2, 4, temperature, generator=torch.Generator().manual_seed(0))
+    assert stats.accepted == stats.drafted and stats.acceptance == 1.0
+
+
+def test_the_cache_keeps_exactly_the_accepted_characters():
+    """After a cycle in which rows accept different numbers of drafts, each row's cache holds K/V for
+    its committed text but the newest character, at every layer; decoding on from there equals
+    decoding that row from scratch."""
+    model = model64()
+    rows = [torch.randint(0, 23, (6,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+    cache, starts = ee.new_cache(4), [None] * 3
+    before = [len(r) for r in rows]
+    seen = set()
+    for _ in range(6):
+        speculative.refill(model, cache, rows, starts)
+        steps, accepted = speculative.cycle(model, cache, rows, starts, 1, 4, temperature=0)
+        seen.add(tuple(accepted.tolist()))
+        for c in cache:
+            lengths = c.length if torch.is_tensor(c.length) else torch.full((3,), c.length)
+            assert lengths.tolist() == [len(r) - 1 - s for r, s in zip(rows, starts)]
+    assert any(len(set(a)) > 1 for a in seen)  # rows did accept different numbers in one cycle
+    for b in range(3):
+        want, _ = model.generate(torch.tensor([rows[b][: before[b]]]), len(rows[b]) - before[b], 1.0, temperature=0)
+        assert want[0].tolist() == rows[b]
+
+
+def exact_two_characters(model, prompt, temperature):
+    """The full model's exact distribution of the next two characters, (V, V)."""
+    V = model.config.vocab_size
+    first = ee.token_probs(model(prompt)[0][model.config.n_layer][:, -1], temperature)[0]
+    both = prompt.repeat(V, 1)
+    second = ee.token_probs(model(torch.cat([both, torch.arange(V).view(V, 1)], 1))[0][model.config.n_layer][:, -1],
+                            temperature)
+    return first.unsqueeze(1) * second
+
+
+def chi_square_p(counts, probs):
+    """p-value of Pearson's chi-square test (cells with expectation >= 5; the rest pooled)."""
+    n = counts.sum()
+    expect = probs * n
+    big = expect >= 5
+    obs, exp = counts[big], expect[big]
+    if (~big).any():
+        obs, exp = torch.cat([obs, counts[~big].sum().view(1)]), torch.cat([exp, expect[~big].sum().view(1)])
+    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum().item()
+    dof = len(obs) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(stat / 2)).item()
+
+
+def test_sampling_draws_the_full_models_distribution():
+    """6000 rows sample their next two characters by speculative decoding (a random, poor draft:
+    many refusals); the counts fit the full model's exact joint distribution, and do not fit the
+    draft's own (what a broken acceptance rule would give)."""
+    torch.manual_seed(0)
+    model = model64(vocab_size=5, n_layer=3, exits=[1])
+    prompt = torch.tensor([[1, 3, 0]])
+    ids, stats = speculative.generate(model, prompt.repeat(6000, 1), 2, 1, 2, 1.0,
+                                      generator=torch.Generator().manual_seed(1))
+    counts = torch.zeros(5, 5, dtype=torch.float64)
+    for a, b in ids[:, 3:].tolist():
+        counts[a, b] += 1
+    exact = exact_two_characters(model, prompt, 1.0)
+    assert 0.2 < stats.acceptance < 0.9
+    assert chi_square_p(counts.flatten(), exact.flatten()) > 1e-3
+    draft_model = ee.token_probs(model(prompt)[0][1][:, -1], 1.0)[0]  # the draft's first character
+    assert chi_square_p(counts.sum(1), draft_model) < 1e-6
+
+
+def test_chi_square_p_value_on_a_known_case():
+    probs = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    assert chi_square_p(torch.tensor([50.0, 50.0], dtype=torch.float64), probs) == pytest.approx(1.0)
+    # 60/40 of 100: statistic 4 on 1 degree of freedom, p = 0.0455
+    assert chi_square_p(torch.tensor([60.0, 40.0], dtype=torch.float64), probs) == pytest.approx(0.0455, abs=1e-3)
+
+
+def test_refuses_a_layer_without_an_exit_head():
+    with pytest.raises(ee.EEminiError, match="no exit head to draft with"):
+        speculative.generate(model64(), torch.zeros(1, 2, dtype=torch.long), 5, 3, 2)
+
+
+def test_every_draft_length_and_exit_gives_the_same_greedy_text():
+    model = model64()
+    prompt = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(9))
+    outs = {speculative.generate(model, prompt, 25, e, k, temperature=0)[0] for e, k in itertools.product((1, 2), (0, 2, 5))}
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 1
+    assert math.isfinite(speculative.Stats(1).per_cycle)
