@@ -120,6 +120,12 @@ def load_data(data, train_chars=500_000, val_chars=50_000, split="valid", verbos
     return vocab, vocab.encode(train), vocab.encode(held)
 
 
+def held_out(data, train_chars, n, vocab):
+    """The n characters of the train split right after the first train_chars (text the model never
+    trained on, for what is fitted to a trained model), in its vocabulary; possibly fewer."""
+    return vocab.encode(read_split(data, "train")[0][train_chars : train_chars + n])
+
+
 def eval_ids(data, split, val_chars, vocab):
     """(ids, source) of the first val_chars characters (0 = all) of a split, in a trained model's
     vocabulary (characters it never saw map to the unknown id), with one line saying so."""

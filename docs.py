@@ -86,7 +86,7 @@ def mask(line):
 
 
 def anchor(line):
-    return line.split(" | ")[0].rstrip()
+    return mask(line.split(" | ")[0])
 
 
 def excerpt(expected, actual):

@@ -95,19 +95,18 @@ ROPE = ("rope", "learned")
 
 
 def rotary_tables(cfg):
-    """cos and sin of RoPE's angles, (block_size, head_size / 2) each: position p turns pair i of a
-    head's query and key by p * 10000^(-2i / head_size) · Su et al. 2021, arXiv:2104.09864."""
+    """RoPE's turns as unit complex numbers, (block_size, head_size / 2): position p turns the pair
+    (2i, 2i+1) of a head's query and key by the angle p * 10000^(-2i / head_size), so that a query
+    and a key score by their offset alone · Su et al. 2021, arXiv:2104.09864."""
     hs = cfg.n_embd // cfg.n_head
     angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def rotate(t, pos, cos, sin):  # t: (B, nh, T, hs), pos: (T,) or (B, T) absolute positions
-    c, s = cos[pos], sin[pos]  # (T, hs/2) or (B, T, hs/2)
-    if pos.dim() == 2:
-        c, s = c.unsqueeze(1), s.unsqueeze(1)
-    a, b = t.chunk(2, dim=-1)
-    return torch.cat([a * c + b * s, b * c - a * s], dim=-1).type_as(t)
+def rotate(t, pos, turns):  # t: (B, nh, T, hs), pos: (T,) or (B, T) absolute positions
+    z = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))  # (B, nh, T, hs/2): the pairs
+    turn = turns[pos] if pos.dim() == 1 else turns[pos].unsqueeze(1)
+    return torch.view_as_real(z * turn).flatten(-2).type_as(t)
 
 
 def positions(start, n, device):
@@ -132,9 +131,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = cfg.qk_norm  # QK-norm · Henry et al. 2020, arXiv:2010.04245; nanochat
         self.rope = cfg.pos == "rope"
         if self.rope:  # not saved: they follow from the config
-            cos, sin = rotary_tables(cfg)
-            self.register_buffer("cos", cos, persistent=False)
-            self.register_buffer("sin", sin, persistent=False)
+            self.register_buffer("turns", rotary_tables(cfg), persistent=False)
 
     def heads(self, t, pos=None):  # (B, T, C) -> (B, nh, T, hs); queries and keys get their positions
         t = t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
@@ -142,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             return t
         if self.qk_norm:
             t = F.rms_norm(t, (t.size(-1),))
-        return rotate(t, pos, self.cos, self.sin) if self.rope else t
+        return rotate(t, pos, self.turns) if self.rope else t
 
     def project(self, x, part):  # part: slice of c_attn's output rows (queries 0:C, keys+values C:3C)
         b = self.c_attn.bias
@@ -325,6 +322,13 @@ class GPT(nn.Module):
         ce = {k: F.cross_entropy(logits[k].flatten(0, 1), targets.flatten()) for k in weights}
         return logits, weighted_loss(ce, weights)
 
+    def states(self, idx):
+        """{layer: (B, T, C) state after it} for layers 0 (the embedding) .. n_layer."""
+        out = {0: self.embed(idx)}
+        for k, block in enumerate(self.transformer.h, 1):
+            out[k] = block(out[k - 1])
+        return out
+
     def forward_all_layers(self, idx):
         """{layer: logits} after every layer that has a head (deep supervision reads these)."""
         return self(idx)[0]
@@ -349,11 +353,11 @@ class GPT(nn.Module):
         depth = torch.full(idx.shape, cfg.n_layer, device=idx.device)
         logits = first_conf = deep = None  # deep: tokens still in flight (None = all of them)
         for k, block in enumerate(self.transformer.h, 1):
-            x = block(x, deep, cache[k - 1] if cache else None)
+            prev, x = x, block(x, deep, cache[k - 1] if cache else None)
             if threshold is None or k not in cfg.exits or (deep is not None and not deep.any()):
                 continue
             exit_logits = self.head(k, x)
-            conf = CONFIDENCE[confidence](exit_logits)
+            conf = confidence_at(confidence, k)(exit_logits, x, prev)
             first_conf = conf if first_conf is None else first_conf
             leave = exit_mask(conf, at_exit(threshold, k))
             leave = leave.all(0, keepdim=True).expand_as(leave) if whole_batch else leave
@@ -420,24 +424,36 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 # confidence and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
 
 
-def conf_softmax(logits):
+def conf_softmax(logits, h=None, h_prev=None):
     """Max softmax probability (the seeds' confidence, CALM's 'softmax response' [3])."""
     return F.softmax(logits.float(), dim=-1).max(-1).values
 
 
-def conf_margin(logits):
+def conf_margin(logits, h=None, h_prev=None):
     """Top-1 minus top-2 softmax probability."""
     top2 = torch.topk(F.softmax(logits.float(), dim=-1), 2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
 
 
-def conf_entropy(logits):
+def conf_entropy(logits, h=None, h_prev=None):
     """Negative entropy, rescaled to [0, 1]: 1 - H(p) / log V (1 = one-hot, 0 = uniform)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return (1.0 + (logp.exp() * logp).sum(-1) / math.log(logits.size(-1))).clamp(0.0, 1.0)  # rounding
 
 
-CONFIDENCE = {"softmax": conf_softmax, "margin": conf_margin, "entropy": conf_entropy}
+def conf_saturation(logits, h, h_prev):
+    """CALM's hidden-state saturation [3]: the cosine of the states after this layer and the one
+    before it (clipped to [0, 1]); a state that has stopped moving has little left to learn."""
+    return F.cosine_similarity(h.float(), h_prev.float(), dim=-1).clamp(0.0, 1.0)
+
+
+# each measure: (exit logits, state after the exit layer, state before it) -> confidence in [0, 1]
+CONFIDENCE = {"softmax": conf_softmax, "margin": conf_margin, "entropy": conf_entropy, "saturation": conf_saturation}
+
+
+def confidence_at(confidence, k):
+    """The measure used at exit k: a name from CONFIDENCE, or a learned router ({exit: module})."""
+    return CONFIDENCE[confidence] if isinstance(confidence, str) else confidence[k]
 
 
 def check_threshold(threshold):

@@ -23,25 +23,29 @@ from eemini import CONFIDENCE, compute_percent, exit_depth, flops_percent, pick_
 
 
 @torch.no_grad()
-def token_stats(model, data, batch_size=64, device="cpu"):
-    """One masked forward over data: per token, CE at every head and each confidence measure at
-    each exit point. {'ce': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'correct': {layer: (N,)}},
-    tokens in text order, N a whole number of windows of the model's block_size."""
+def token_stats(model, data, batch_size=64, device="cpu", routers=None):
+    """One masked forward over data: per token, CE and top character at every head, and each confidence
+    measure (and each learned router, {name: {exit: router}}) at each exit point. {'ce': {layer: (N,)},
+    'top': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'target': (N,), 'window': T}, tokens in
+    text order, N a whole number of windows of T = the model's block_size."""
     model.eval()
     cfg = model.config
-    ce, correct, conf = {}, {}, {m: {} for m in CONFIDENCE}
+    measures = {**CONFIDENCE, **(routers or {})}
+    ce, top, conf = {}, {}, {m: {} for m in measures}
     for x, y in eval_windows(data, cfg.block_size, batch_size):
         x, y = x.to(device), y.to(device)
-        logits = model(x)[0]
-        for k, lg in logits.items():
-            lg = lg.float()
+        states = model.states(x)
+        for k in [*cfg.head_layers, cfg.n_layer]:
+            lg = model.head(k, states[k]).float()
             ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none").cpu())
-            correct.setdefault(k, []).append((lg.argmax(-1) == y).flatten().cpu())
-            if k in cfg.exits:
-                for m, fn in CONFIDENCE.items():
-                    conf[m].setdefault(k, []).append(fn(lg).flatten().cpu())
+            top.setdefault(k, []).append(lg.argmax(-1).flatten().cpu())
+            for m in measures if k in cfg.exits else ():
+                fn = CONFIDENCE[m] if m in CONFIDENCE else routers[m][k]
+                conf[m].setdefault(k, []).append(fn(lg, states[k], states[k - 1]).flatten().cpu())
     cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-    return {"ce": cat(ce), "correct": cat(correct), "conf": {m: cat(c) for m, c in conf.items()}}
+    ce = cat(ce)
+    return {"ce": ce, "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()},
+            "target": data[1 : len(ce[cfg.n_layer]) + 1].clone(), "window": cfg.block_size}
 
 
 def ppl(ce):
@@ -167,3 +171,91 @@ def analyse(rows, full, budget, oracle):
             "within_budget": min(within, key=lambda r: (r["compute"], r["ppl"])) if within else None,
             "max_efficiency": min(rows, key=lambda r: (r["compute"], r["ppl"])),
             "oracle_compute_within_budget": oracle.least_compute(limit)}
+
+
+# ----------------------------------------------------------------------------------------------
+# what share of the oracle's saving a router reaches, within a PPL budget
+
+
+def saving_within(rows, full, budget):
+    """The most compute saved (100 - Compute%) by a row within +budget% PPL of full depth (0 if none)."""
+    ok = [100 - r["compute"] for r in rows if r["ppl"] <= full * (1 + budget / 100)]
+    return max(ok, default=0.0)
+
+
+def oracle_fraction(rows, full, budget, oracle):
+    """(router's saving, oracle's saving, the router's share of it) within +budget% PPL."""
+    mine, best = saving_within(rows, full, budget), 100 - oracle.least_compute(full * (1 + budget / 100))
+    return mine, best, mine / best if best > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence-level routing (seed 002's open question): a window leaves as a whole
+
+
+def window_depth(stats, threshold, cfg, confidence="softmax", how="mean"):
+    """Masked routing in which each window of text leaves at the first exit where its mean (or min)
+    confidence clears the threshold: every token of the window leaves together."""
+    T = stats["window"]
+    pooled = {k: c.view(-1, T).mean(1) if how == "mean" else c.view(-1, T).min(1).values
+              for k, c in stats["conf"][confidence].items()}
+    return exit_depth(pooled, threshold, cfg.n_layer).repeat_interleave(T)
+
+
+def window_rows(stats, cfg, thresholds, confidence="softmax", how="mean"):
+    """Rows like masked_sweep's for window-level routing."""
+    rows = []
+    for t in thresholds:
+        depth = window_depth(stats, t, cfg, confidence, how)
+        ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+        rows.append({"confidence": f"{confidence} (window {how})", **summarize(ce, depth, cfg, t)})
+    return rows
+
+
+def window_oracle(stats, cfg):
+    """The oracle for window-level routing (one exit): send deep the windows that gain most."""
+    T, k, L = stats["window"], cfg.exits[0], cfg.n_layer
+    per_window = {kk: v.view(-1, T) for kk, v in stats["ce"].items()}
+    gain = (per_window[k] - per_window[L]).sum(1).sort(descending=True).values
+    n = len(gain)
+    ce = (per_window[k].sum() - torch.cat([gain.new_zeros(1), gain.cumsum(0)])) / (n * T)
+    return [{"compute": 100.0 * (k / L + (1 - k / L) * j / n), "ppl": math.exp(ce[j].item())} for j in range(n + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# where exits go: classes of the character being predicted
+
+
+def char_class(target, vocab_itos, previous):
+    """Each target character's class: space, newline, digit, punctuation, first letter of a word,
+    letter inside a word, or other; `previous` is the character before it (the input)."""
+    names = ["space", "newline", "digit", "punctuation", "word start", "inside word", "other"]
+    def kind(ch, prev):
+        if ch == " ":
+            return 0
+        if ch == "\n":
+            return 1
+        if ch.isdigit():
+            return 2
+        if ch.isalpha():
+            return 5 if prev.isalpha() else 4
+        return 3 if not ch.isalnum() and ch.isprintable() else 6
+    cls = torch.tensor([kind(vocab_itos[t], vocab_itos[p]) for t, p in zip(target.tolist(), previous.tolist())])
+    return cls, names
+
+
+def class_table(stats, cfg, depth, cls, names):
+    """Per class: share of characters, share that exited, full-depth PPL, routed PPL, and the share
+    of the routing's total extra loss that this class carries."""
+    L = cfg.n_layer
+    routed = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+    extra = (routed - stats["ce"][L]).double()
+    rows = []
+    for i, name in enumerate(names):
+        sel = cls == i
+        if sel.any():
+            rows.append({"class": name, "share": 100 * sel.double().mean().item(),
+                         "exited": 100 * (depth[sel] < L).double().mean().item(),
+                         "full_ppl": ppl(stats["ce"][L][sel]), "routed_ppl": ppl(routed[sel]),
+                         "cost_share": 100 * extra[sel].sum().item() / extra.sum().item() if extra.sum() else 0.0})
+    return rows

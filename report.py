@@ -15,23 +15,24 @@ def fmt_t(t):
     return f"{t:.1f}" if round(t, 1) == t else f"{t:g}"
 
 
-def ascii_plot(series, width=64, height=15):
-    """Lines of a terminal scatter plot of PPL (y) against Compute% (x); series: [(marker, [(x, y)])],
-    later series drawn on top."""
+def ascii_plot(series, width=64, height=15, x_max=100, xlabel="Compute (%)", ylabel="PPL"):
+    """Lines of a terminal scatter plot of y against x from the smallest x to x_max; series:
+    [(marker, [(x, y)])], later series drawn on top."""
     xs, ys = [x for _, s in series for x, _ in s], [y for _, s in series for _, y in s]
     x0, y0, y1 = min(xs), min(ys), max(ys)
-    col = lambda x: round((x - x0) / max(100 - x0, 1e-9) * (width - 1))  # noqa: E731
+    col = lambda x: round((x - x0) / max(x_max - x0, 1e-9) * (width - 1))  # noqa: E731
     row = lambda y: round((y1 - y) / max(y1 - y0, 1e-9) * (height - 1))  # noqa: E731
     grid = [[" "] * width for _ in range(height)]
     for marker, s in series:
         for x, y in s:
             grid[row(y)][col(x)] = marker
     axis = [f"{y1 - i * (y1 - y0) / (height - 1):9.3f} |" if i % 2 == 0 else f"{'|':>11}" for i in range(height)]
-    lines = ["   PPL", *[(a + "".join(g)).rstrip() for a, g in zip(axis, grid)], " " * 10 + "+" + "-" * width]
-    ticks = [" "] * (width + 4)
-    for v in [x0] + [v for v in range(10, 101, 10) if v - x0 >= 6]:
+    lines = [f"   {ylabel}", *[(a + "".join(g)).rstrip() for a, g in zip(axis, grid)], " " * 10 + "+" + "-" * width]
+    step = x_max / 10
+    ticks = [" "] * (width + 8)
+    for v in [x0] + [step * i for i in range(1, 11) if step * i - x0 >= 0.06 * (x_max - x0)]:
         ticks[col(v) : col(v) + len(f"{v:.0f}")] = f"{v:.0f}"
-    return lines + [(" " * 11 + "".join(ticks)).rstrip(), " " * (11 + width // 2 - 6) + "Compute (%)"]
+    return lines + [(" " * 11 + "".join(ticks)).rstrip(), " " * (11 + width // 2 - len(xlabel) // 2) + xlabel]
 
 
 def save_png(path, series, oracle_pts, title="PPL against compute, per threshold"):

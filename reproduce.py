@@ -36,7 +36,9 @@ from pathlib import Path
 
 import checkpoint as ck
 import cli
+import eemini as ee
 import measure
+import uncertainty as un
 from data import read_split
 from eemini import EEminiError
 from report import ascii_plot, md, save_png
@@ -60,7 +62,8 @@ RUNS = [
      ["--n-layer", "4", "--exit-layers", "2", "--n-embd", "32", "--n-head", "2", "--layer-weights", "0,0.7,0,0.3"]),
     ("seed004", "exit_classifier.py", "seed 004: exit_classifier.py --compare", ["--compare"]),
 ]
-ALIASES = {"asym-a0.5": "aux"}  # α 0.5 is the aux loss term for term: the same runs serve both tables
+ALIASES = {"asym-a0.5": "aux"}
+CURVES = ["std1L", "std3L", "asym-a0.7"]  # also trained for --curve-iters, evaluated often: how PPL falls with steps  # α 0.5 is the aux loss term for term: the same runs serve both tables
 
 
 def parse_args(argv=None):
@@ -70,6 +73,8 @@ def parse_args(argv=None):
                    "(default 3; --quick 1)")
     p.add_argument("--max-iters", type=cli.number(int, 1), default=None, help="training steps of every train.py "
                    "model (default 1000; --quick 30)")
+    p.add_argument("--curve-iters", type=cli.number(int, 1), default=None, help="steps of the PPL-against-steps runs "
+                   "(Standard 1L, 3L, asym α 0.7; seed 0; default 2 x --max-iters)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every model, e.g. '--n-embd 16'")
     p.add_argument("--ec-args", default=None, help="extra exit_classifier.py flags (default none: seed 004's "
                    "settings; --quick: '--train-seqs 600 --max-epochs 2 --exit-epochs 2')")
@@ -87,6 +92,7 @@ def parse_args(argv=None):
                               ("out_dir", "runs", "runs/quick")):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
+    args.curve_iters = args.curve_iters or 2 * args.max_iters
     if args.results is None:
         args.results = str(Path(args.out_dir) / "RESULTS.md") if q else "RESULTS.md"
     if not args.val_chars:
@@ -122,20 +128,34 @@ def ours(stem, argv):
 
 
 def measure_model(path, args):
-    """Per-layer PPL; for a model with a trained exit, masked and true-exit rows at every threshold
-    and the oracle frontier."""
-    model, vocab = ck.model_from_checkpoint(ck.load_checkpoint(path, args.device), args.device)
+    """Per-layer PPL and the training curve; for a model with a trained exit, masked and true-exit rows
+    at every threshold and the oracle frontier on valid, and the masked rows on test (where a claim
+    picks a threshold on valid, test says how it fares)."""
+    ckpt = ck.load_checkpoint(path, args.device)
+    model, vocab = ck.model_from_checkpoint(ckpt, args.device)
     cfg, ids = model.config, vocab.encode(read_split(args.data, "valid")[0][: args.val_chars])
     with cli.autocast(args.device):
         stats = measure.token_stats(model, ids, 64, args.device)
     rec = {f"layer/{k}/ppl": p for k, p in measure.layer_ppl(stats).items()}
     rec["full/ppl"] = rec[f"layer/{cfg.n_layer}/ppl"]
+    rec.update({f"history/{h['step']}/{k}": p for h in ckpt.get("history", []) for k, p in h["val_ppl"].items()})
     if not cfg.exits or cfg.trained_exits != cfg.exits:  # --loss final: an untrained exit head, nothing to route
         return rec
     rec["exit_only/ppl"] = rec[f"layer/{cfg.exits[0]}/ppl"]
     for r in measure.masked_sweep(stats, cfg, THRESHOLDS, ["softmax"]):
         rec.update({f"masked/{r['threshold']:g}/{m}": r[m] for m in ("ppl", "shallow", "compute", "flops",
                                                                      "delta_ppl", "oracle_ppl")})
+        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]},
+                                  measure.routed_depth(stats, r["threshold"], cfg))
+        _, (lo, hi) = un.bootstrap(routed, stats["ce"][cfg.n_layer], cfg.block_size)
+        rec[f"masked/{r['threshold']:g}/delta_lo"], rec[f"masked/{r['threshold']:g}/delta_hi"] = lo, hi
+    if Path(args.data).is_file():  # one text file has no test split
+        return rec
+    test_ids = vocab.encode(read_split(args.data, "test")[0][: args.val_chars])
+    with cli.autocast(args.device):
+        test = measure.token_stats(model, test_ids, 64, args.device)
+    rec["test/full/ppl"] = measure.ppl(test["ce"][cfg.n_layer])
+    rec.update({f"test/masked/{t:g}/ppl": measure.routed_metrics(test, t, cfg)["ppl"] for t in THRESHOLDS})
     for t in THRESHOLDS:
         with cli.autocast(args.device):
             e = measure.exit_metrics(model, ids, t, 64, args.device)
@@ -182,12 +202,14 @@ def run_all(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
+    curves = [(f"curve-{name}", script, what, spec) for name, script, what, spec in RUNS if name in CURVES]
     for k in range(args.seeds):
-        for name, script, _, spec in RUNS:
+        for name, script, _, spec in [*RUNS, *(curves if k == 0 else [])]:
             common = ["--data", args.data, "--val-chars", str(args.val_chars), "--seed", str(SEED0 + k)]
             if script == "train.py":
-                argv = [*common, "--max-iters", str(args.max_iters), "--eval-interval", str(max(1, args.max_iters // 2)),
-                        "--log-interval", str(max(1, args.max_iters // 10)), *spec, *args.train_args]
+                iters, evals = (args.curve_iters, 16) if name.startswith("curve-") else (args.max_iters, 2)
+                argv = [*common, "--max-iters", str(iters), "--eval-interval", str(max(1, iters // evals)),
+                        "--log-interval", str(max(1, iters // 10)), *spec, *args.train_args]
             else:
                 argv = [*common, *spec, *args.ec_args]
             side = out / f"{name}-seed{k}.json"
@@ -267,6 +289,13 @@ def rule_saves(q, size):  # size: the % of compute the seed says was saved
     return verdict, f"{saved[0]:.1f}% saved"
 
 
+def rule_picked(q, _):
+    """q: [full depth on test, each threshold on valid ..., the same thresholds on test ...]."""
+    n = (len(q) - 1) // 2
+    best = min(range(n), key=lambda i: q[1 + i][0])
+    return below(q[1 + n + best], q[0]), f"threshold #{best + 1} is best on valid"
+
+
 RULES = {
     "lower": rule_lower,  # the first below the second
     "saves": rule_saves,  # 100 - compute reaches the seed's saving
@@ -277,7 +306,7 @@ RULES = {
     "highest": lambda q, _: (all_of([below(b, q[0]) for b in q[1:]]), ""),
     "pairs_lower": lambda q, _: (all_of([below(a, b) for a, b in zip(q[::2], q[1::2])]), ""),
     "not_above": lambda q, _: ("not supported" if below(q[1], q[0]) == "supported" else "supported", ""),
-    "any_lower": lambda q, _: ("supported" if any(below(b, q[0]) == "supported" for b in q[1:]) else "not supported", ""),
+    "picked": rule_picked,  # the threshold best on valid, on test, below full depth on test
     "at_most": lambda q, limit: ("supported" if max(a[0] for a in q) <= limit else "not supported",
                                  f"max {max(a[0] for a in q):+.1f}%"),
     "bumpy": lambda q, _: ("supported" if any(b[0] - a[0] > math.hypot(a[1], b[1]) for a, b in zip(q, q[1:])) and any(
@@ -309,6 +338,12 @@ EC_FINAL = {"Final PPL": ("final_ppl", 2, ""), "Accuracy": ("accuracy", 2, "%"),
             "Final PPL, other context at eval": ("mismatch_ppl", 2, "")}
 EC_TRAIN = {"Block 0 val_ppl": ("block0_ppl", 2, ""), "Block 1 val_ppl": ("block_ppl/1", 2, ""),
             "Threshold (Block 0)": ("thresholds/0", 4, ""), "avg_label (Block 0)": ("avg_label/0", 3, "")}
+
+
+def ci(A, name, t):
+    """'+0.12% [-0.05, +0.30]': the mean ΔPPL and the mean bootstrap interval over seeds (— if none)."""
+    d, lo, hi = (A(name, f"masked/{t}/{k}") for k in ("delta_ppl", "delta_lo", "delta_hi"))
+    return "—" if d is None else f"{d[0]:+.2f}% [{lo[0]:+.2f}, {hi[0]:+.2f}]"
 
 
 def fmt(a, seed=None, d=2, unit=""):
@@ -378,6 +413,30 @@ def seed004(A):
     return out
 
 
+def training_curves(agg, args):
+    """Validation PPL against training steps of the curve runs (one seed), the chosen budget marked."""
+    series, rows = [], {}
+    for name, marker in zip(CURVES, "13*"):
+        hist = sorted((int(k.split("/")[1]), k.split("/")[2], v[0]) for k, v in agg.get(f"curve-{name}", {}).items()
+                      if k.startswith("history/"))
+        if not hist:
+            continue
+        top = max(int(layer) for _, layer, _ in hist)
+        pts = [(step, ppl) for step, layer, ppl in hist if int(layer) == top]
+        series.append((marker, name, pts))
+        for step, ppl in pts:
+            rows.setdefault(step, {})[name] = ppl
+    if not series:
+        return []
+    names = [n for _, n, _ in series]
+    table = [[f"{step:,}" + (" ← the budget" if step == args.max_iters else ""),
+              *(f"{rows[step][n]:.3f}" if n in rows[step] else "—" for n in names)] for step in sorted(rows)]
+    return ["```", *ascii_plot([(m, pts) for m, _, pts in series], x_max=args.curve_iters, xlabel="training steps",
+                               ylabel="val PPL (full depth)"),
+            "   " + "   ".join(f"{m} {n}" for m, n, _ in series), "```", "",
+            *md(["Step", *(f"{n} (full depth)" for n in names)], table)]
+
+
 def plots(A, res_dir):
     """PPL against Compute for every model with an exit: masked, true exit, oracle frontier (means)."""
     out, png = [], importlib.util.find_spec("matplotlib") is not None
@@ -407,7 +466,8 @@ def report(records, args):
     head = [[what, *(fmt(A(name, k), d=d, unit=u) for k, d, u in (
         ("full/ppl", 3, ""), ("exit_only/ppl", 3, ""), (f"masked/{t}/ppl", 3, ""), (f"exit/{t}/ppl", 3, ""),
         (f"masked/{t}/oracle_ppl", 3, ""), (f"masked/{t}/shallow", 1, "%"), (f"masked/{t}/compute", 1, "%"),
-        (f"exit/{t}/flops", 1, "%")))] for name, script, what, _ in RUNS if script == "train.py" and name in agg]
+        (f"exit/{t}/flops", 1, "%"))), ci(A, name, t)]
+        for name, script, what, _ in RUNS if script == "train.py" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
              f"Total time {cli.fmt_time(total)} of runs.", "",
@@ -419,7 +479,13 @@ def report(records, args):
              "figures are not expected to match; the verdicts below test the directions they claim.", ""]
     lines += ["## Headline", "", *md(["Model", "Full-depth PPL", "Exit-only PPL", f"Routed PPL @{t} (masked)",
                                       f"Routed PPL @{t} (true exit)", "Oracle PPL at that compute", "Shallow%",
-                                      "Compute%", "FLOPs% (true exit)"], head)]
+                                      "Compute%", "FLOPs% (true exit)", f"ΔPPL @{t} (masked) [95% CI]"], head),
+              "The last column: the routed PPL's increase over full depth, mean over seeds, with the mean of each "
+              "seed's paired bootstrap interval over validation windows (1,000 resamples).", ""]
+    lines += ["## PPL against training steps", "", f"Standard 1L, Standard 3L and asym α 0.7 trained for "
+              f"{args.curve_iters:,} steps (seed 0), evaluated every {max(1, args.curve_iters // 16):,}: where depth "
+              f"starts to pay, and the budget every model above gets ({args.max_iters:,} steps).", "",
+              *training_curves(agg, args)]
     for seed, title, body in (("000", "Experiments 3 & 4", seed000(A, LABELS["000"])),
                               ("001", "Experiments 3 & 4 (seed 000's runs, seed 001's names)", seed000(A, LABELS["001"])),
                               ("002", "Threshold sweep (4 layers, exit 2)", seed002(A)),

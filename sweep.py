@@ -1,13 +1,16 @@
 """
-Threshold sweep of a trained checkpoint: seed 002's table, its analysis, the oracle frontier, a plot.
+Threshold sweep of a trained checkpoint: seed 002's table with bootstrap intervals, its analysis, the
+oracle frontier and the share of it each confidence measure reaches, a plot; on request, a threshold
+chosen with a guarantee, window-level routing, calibration and where exits go.
 
 Tiny CPU run (seconds, after `python train.py --data ../shared/data/wikitext-2` has written ckpt.pt):
     python sweep.py ckpt.pt
-Other confidence measures, true early exit beside masked, files to keep:
-    python sweep.py ckpt.pt --confidence softmax margin entropy --mode both
-    python sweep.py ckpt.pt --thresholds 0.5,0.8,0.9,0.95,0.99 --csv s.csv --json s.json --plot s.png
-Bigger, on a GPU, the whole test split:
-    python sweep.py ckpt.pt --device cuda --split test --val-chars 0 --eval-batch-size 256
+Every measure (learned routers too, when the checkpoint has them), true early exit beside masked:
+    python sweep.py ckpt.pt --confidence all --mode both
+A threshold whose PPL cost stays within 1% (or 2%) with 90% confidence, chosen on valid, shown on test:
+    python sweep.py ckpt.pt --calibrate 1,2 --delta 0.1
+Windows leaving as a whole, calibration and character classes, files to keep:
+    python sweep.py ckpt.pt --windows --details --csv s.csv --json s.json --plot s.png
 
 In masked mode every row is read from one forward pass (measure.token_stats: per-token CE at each
 head, per-token confidences), so a sweep costs about one evaluation. The oracle frontier is the best
@@ -17,22 +20,28 @@ Transformer's oracle [2]), send deep exactly the tokens that gain most from dept
 References
 [1] seeds/002: the threshold sweep this reproduces (DEED, Tang et al. 2023, arXiv:2311.08623)
 [2] Elbayad et al. 2020, Depth-Adaptive Transformer (oracle exit). arXiv:1910.10073
-[3] Schuster et al. 2022, CALM (softmax response, top-2 margin, entropy confidences). arXiv:2207.07061
+[3] Schuster et al. 2022, CALM (confidence measures, learned routers, Learn then Test). arXiv:2207.07061
 """
 
 import csv
 import json
+import math
 import time
+
+import torch
 
 import checkpoint as ck
 import cli
 import eemini as ee
 import measure
+import routers as learned
+import uncertainty as un
 from data import eval_ids
-from report import ascii_plot, fmt_t, save_png
+from report import ascii_plot, fmt_t, md, save_png
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
-MARKERS = "*+x#@%"  # ASCII plot: one a curve; "." is the oracle frontier
+MARKERS = "*+x#@%&"  # ASCII plot: one a curve; "." is the oracle frontier
+BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
 
 
 def parse_args(argv=None):
@@ -41,12 +50,26 @@ def parse_args(argv=None):
     g = p.add_argument_group("sweep")
     g.add_argument("--thresholds", type=cli.comma_list(cli.threshold), default=DEFAULT_THRESHOLDS,
                    help="thresholds to sweep, comma list in [0, 1]")
-    g.add_argument("--confidence", nargs="+", default=["softmax"], choices=sorted(ee.CONFIDENCE),
-                   help="confidence measure(s): max softmax, top-2 margin, negative entropy (one curve each)")
+    g.add_argument("--confidence", nargs="+", default=["softmax"], help="confidence measure(s), one curve each: "
+                   f"{', '.join(ee.CONFIDENCE)}, router-consistency, router-loss (learned, if the checkpoint "
+                   "has them), or all")
     g.add_argument("--mode", default="masked", choices=["masked", "exit", "both"], help="masked routing "
                    "(one pass in all), true early exit (one pass a threshold), or both side by side")
     g.add_argument("--max-ppl-increase", type=cli.number(float, 0.0), default=1.0,
                    help="PPL budget in %% over full depth for 'most compute saved'")
+    g = p.add_argument_group("guarantees and details")
+    g.add_argument("--calibrate", type=cli.comma_list(cli.number(float, 0.0)), default=[],
+                   help="PPL budgets in %% (or, with --risk consistency, shares of changed characters in %%): "
+                   "choose each one's threshold on valid by Learn then Test, then show it on test")
+    g.add_argument("--risk", default="ppl", choices=["ppl", "consistency"], help="what --calibrate bounds")
+    g.add_argument("--delta", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.1,
+                   help="the guarantee holds with probability 1 - delta")
+    g.add_argument("--calibrate-chars", type=cli.number(int, 0), default=0, help="characters of valid to choose on "
+                   "and of test to show on (0 = the whole splits)")
+    g.add_argument("--windows", action="store_true", help="also route whole windows by mean / min confidence")
+    g.add_argument("--details", action="store_true", help="calibration of each exit and exits per character class")
+    g.add_argument("--resamples", type=cli.number(int, 0), default=1000, help="bootstrap resamples for the "
+                   "intervals (0 = none)")
     cli.add_data(p, from_checkpoint=True)
     g = p.add_argument_group("eval / io")
     cli.add_eval_batch_size(g)
@@ -80,21 +103,36 @@ def check_exit_trained(cfg, path):
                              f"{cfg.exits[0]}) was never trained, so there is nothing to sweep; train with --loss asym")
 
 
+def measures(args, routers):
+    """The --confidence names, checked: built-in measures and the checkpoint's learned routers."""
+    known = [*ee.CONFIDENCE, *routers]
+    names = known if "all" in args.confidence else args.confidence
+    for m in names:
+        if m not in known:
+            raise ee.EEminiError(f"no confidence measure {m!r} here; choose from {', '.join(known)}"
+                                 + ("" if routers else " (this checkpoint has no learned routers)"))
+    return names
+
+
 # ----------------------------------------------------------------------------------------------
 # output: the table, the analysis, an ASCII plot, CSV / JSON / PNG
+
+
+def interval(lo, hi, digits):
+    return f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def print_table(rows, mode, conf):
     exit_col = mode == "both"
     print(f"\n## Threshold sweep ({conf} confidence, {'true early exit' if mode == 'exit' else 'masked'})\n")
-    print("| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth | Oracle PPL |"
+    print("| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth [95% CI] | Oracle PPL |"
           + (" True-exit PPL |" if exit_col else ""))
     print("|---" * (7 + exit_col) + "|")
     for r in rows:
-        delta = "baseline" if r["threshold"] >= 1.0 else f"{r['delta_ppl']:+.2f}%"
+        ci = interval(r["delta_lo"], r["delta_hi"], 2) if "delta_lo" in r else ""
+        delta = "baseline" if r["threshold"] >= 1.0 else f"{r['delta_ppl']:+.2f}%{ci}"
         print(f"| {fmt_t(r['threshold'])} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | "
-              f"{r['flops']:.1f}% | {delta} | {r['oracle_ppl']:.3f} |"
-              + (f" {r['exit_ppl']:.3f} |" if exit_col else ""))
+              f"{r['flops']:.1f}% | {delta} | {r['oracle_ppl']:.3f} |" + (f" {r['exit_ppl']:.3f} |" if exit_col else ""))
 
 
 def print_analysis(a, budget):
@@ -110,9 +148,16 @@ def print_analysis(a, budget):
     print(f"{'oracle frontier':20} within +{budget:g}% PPL down to compute {low:.1f}%{need}")
 
 
-def print_plot(series, oracle):
+def print_fractions(fractions):
+    """Per measure: the compute it saves within each budget, the oracle's, and its share of it."""
+    head = [f"{h} +{b:g}% PPL" for b in BUDGETS for h in ("saved within", "oracle saves", "share of the oracle")]
+    print("\n## Against the oracle\n\n" + "\n".join(md(["Measure", *head], [
+        [m, *(f"{x:.1f}%" if i % 3 < 2 else f"{100 * x:.0f}%" for i, x in enumerate(v))] for m, v in fractions.items()])))
+
+
+def print_plot(series, oracle, title="PPL against Compute"):
     plot = [(".", [(o["compute"], o["ppl"]) for o in oracle])] + [(m, p) for m, (_, p) in zip(MARKERS, series)]
-    print("\n## PPL against Compute\n\n```\n" + "\n".join(ascii_plot(plot)))
+    print(f"\n## {title}\n\n```\n" + "\n".join(ascii_plot(plot)))
     legend = [f"{m} {label}" for m, (label, _) in zip(MARKERS, series)] + [". oracle frontier"]
     print("   " + ("   " if len(legend) < 4 else "\n   ").join(legend) + "\n```")
 
@@ -130,16 +175,22 @@ def write_files(args, result, series):
 
 
 # ----------------------------------------------------------------------------------------------
+# the sweep itself, and what it does on request
 
 
-def run_sweep(model, ids, args, device):
-    """token_stats once, every masked row from it; in exit / both mode, one true-exit pass a row.
-    Returns the statistics, the rows and the oracle."""
+def run_sweep(model, ids, args, device, routers):
+    """token_stats once, every masked row from it (with its bootstrap interval); in exit / both mode,
+    one true-exit pass a row. Returns the statistics, the rows and the oracle."""
     t0, cfg = time.time(), model.config
     with cli.autocast(device):
-        stats = measure.token_stats(model, ids, args.eval_batch_size, device)
+        stats = measure.token_stats(model, ids, args.eval_batch_size, device, routers)
     oracle = measure.Oracle(stats, cfg)
-    rows = measure.masked_sweep(stats, cfg, args.thresholds, args.confidence, oracle)
+    rows = measure.masked_sweep(stats, cfg, args.thresholds, args.measures, oracle)
+    for r in rows if args.resamples else ():
+        depth = measure.routed_depth(stats, r["threshold"], cfg, r["confidence"])
+        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+        (r["ppl_lo"], r["ppl_hi"]), (r["delta_lo"], r["delta_hi"]) = un.bootstrap(
+            routed, stats["ce"][cfg.n_layer], cfg.block_size, args.resamples)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"masked: one pass over {len(stats['ce'][cfg.n_layer]):,} tokens, {len(rows)} rows read from it, "
           f"{time.time() - t0:.2f} s")
@@ -147,47 +198,147 @@ def run_sweep(model, ids, args, device):
         t0 = time.time()
         for r in rows:
             with cli.autocast(device):
-                e = measure.exit_metrics(model, ids, r["threshold"], args.eval_batch_size, device, r["confidence"])
+                e = measure.exit_metrics(model, ids, r["threshold"], args.eval_batch_size, device,
+                                         routers.get(r["confidence"], r["confidence"]))
             if args.mode == "both":
                 r["exit_ppl"] = e["ppl"]
             else:  # the true-exit figures replace the masked ones; the oracle stays the masked one
                 r.update(e, delta_ppl=100.0 * (e["ppl"] / full - 1))
+                for key in ("ppl_lo", "ppl_hi", "delta_lo", "delta_hi"):  # intervals of masked figures
+                    r.pop(key, None)
         print(f"true early exit: {len(rows)} passes, {time.time() - t0:.2f} s")
     return stats, rows, oracle
+
+
+def calibrate(model, vocab, data, args, device, routers):
+    """Learn then Test [3] for each --calibrate budget: the lowest threshold whose risk stays within
+    budget with probability >= 1 - delta over the valid windows, then that threshold on test."""
+    cfg, T = model.config, model.config.block_size
+    splits = {s: measure.token_stats(model, eval_ids(data, s, args.calibrate_chars, vocab)[0], args.eval_batch_size,
+                                     device, routers) for s in ("valid", "test")}
+    grid = [1 - i / 100 for i in range(101)]  # from 1.0 (no exit: no risk at all, so no test) down by 0.01
+    print(f"\n## Thresholds with a guarantee ({args.risk}, delta {args.delta:g}): chosen on valid, shown on test\n")
+    print(f"With probability at least {1 - args.delta:g} over the {len(splits['valid']['target']) // T:,} valid windows "
+          f"(assumed drawn like the test ones), the chosen threshold's expected " + (
+              "PPL increase over full depth (per window, in log space; window means clipped to +-2 nats)"
+              if args.risk == "ppl" else "share of characters whose top prediction differs from full depth's")
+          + " is within the budget.\n")
+    head = ["Measure", "Budget", "Threshold", "valid: risk", "test: risk", "test: PPL", "test: compute saved", "holds on test"]
+    rows = []
+    for m in args.measures:
+        risk = {s: [risk_of(st, cfg, t, m, args.risk) for t in grid] for s, st in splits.items()}
+        for budget in args.calibrate:
+            if args.risk == "ppl":  # window mean extra CE in [-2, 2] nats, mapped onto [0, 1]
+                limit, unit, bound = math.log1p(budget / 100), lambda d: (d.clamp(-2, 2) + 2) / 4, "bernstein"
+            else:
+                limit, unit, bound = budget / 100, lambda d: d, "hb"
+            chosen, _ = un.learn_then_test([(t, unit(r)) for t, r in zip(grid[1:], risk["valid"][1:])],
+                                           unit(torch.tensor(limit)).item(), args.delta, bound)
+            chosen = 1.0 if chosen is None else chosen  # nothing certified: never exit
+            i = grid.index(chosen)
+            shown = {s: show_risk(risk[s][i], args.risk) for s in splits}
+            test = measure.routed_metrics(splits["test"], chosen, cfg, m)
+            holds = risk["test"][i].mean().item() <= limit
+            rows.append([m, f"{budget:g}%", fmt_t(chosen), shown["valid"], shown["test"], f"{test['ppl']:.3f}",
+                         f"{100 - test['compute']:.1f}%", "yes" if holds else "NO"])
+    print("\n".join(md(head, rows)))
+    return rows
+
+
+def risk_of(stats, cfg, threshold, confidence, kind):
+    """Per window: the mean extra CE of routing over full depth (ppl), or the share of characters whose
+    top prediction routing changes (consistency)."""
+    L, T = cfg.n_layer, stats["window"]
+    depth = measure.routed_depth(stats, threshold, cfg, confidence)
+    if kind == "ppl":
+        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+        return un.window_means(routed - stats["ce"][L], T)
+    top = ee.pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
+    return un.window_means((top != stats["top"][L]).double(), T)
+
+
+def show_risk(r, kind):
+    return f"{100 * math.expm1(r.mean().item()):+.2f}% PPL" if kind == "ppl" else f"{100 * r.mean().item():.2f}%"
+
+
+def windows_section(stats, cfg, args, series):
+    """Token- against window-level routing, each beside its own oracle (one exit)."""
+    m = args.measures[0]
+    rows = {how: measure.window_rows(stats, cfg, args.thresholds, m, how) for how in ("mean", "min")}
+    full = measure.ppl(stats["ce"][cfg.n_layer])
+    print(f"\n## Windows leaving as a whole ({m} confidence, masked)\n")
+    print("\n".join(md(["Routing", "Threshold", "PPL", "ΔPPL", "Compute"], [
+        [r["confidence"], fmt_t(r["threshold"]), f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / full - 1):+.2f}%",
+         f"{r['compute']:.1f}%"] for how in rows for r in rows[how]])))
+    window_oracle = measure.window_oracle(stats, cfg)
+    plot = [(".", [(o["compute"], o["ppl"]) for o in measure.Oracle(stats, cfg).frontier()]),
+            ("o", [(o["compute"], o["ppl"]) for o in window_oracle[:: max(1, len(window_oracle) // 100)]]),
+            ("*", series[0][1]), *((mk, [(r["compute"], r["ppl"]) for r in rows[how]]) for mk, how in (("+", "mean"), ("x", "min")))]
+    print("\n## Token- and window-level routing\n\n```\n" + "\n".join(ascii_plot(plot)))
+    print(f"   * {m} per character   + window mean   x window min\n   . oracle per character   o oracle per window\n```")
+
+
+def details_section(stats, cfg, args, vocab):
+    """Calibration of each exit's max softmax, and where exits go by character class."""
+    for k in cfg.exits:
+        ece, rows = un.reliability(stats["conf"]["softmax"][k], stats["top"][k] == stats["target"])
+        print(f"\n## Calibration of the exit after layer {k} (max softmax): ECE {100 * ece:.2f}%\n")
+        print("\n".join(md(["Confidence", "Characters", "Mean confidence", "Accuracy"], [
+            [f"{lo:.1f}-{hi:.1f}", f"{n:,}", f"{mc:.3f}", f"{acc:.3f}"] for lo, hi, n, mc, acc in rows])))
+    threshold = args.thresholds[len(args.thresholds) // 2]
+    depth = measure.routed_depth(stats, threshold, cfg, args.measures[0])
+    previous = stats["target"].roll(1)
+    previous[:: stats["window"]] = 0  # the first of a window has no known input here; counted as unknown
+    cls, names = measure.char_class(stats["target"], vocab.itos, previous)
+    print(f"\n## Where exits go ({args.measures[0]} at threshold {fmt_t(threshold)}, masked)\n")
+    print("\n".join(md(["Next character", "Share", "Exited", "Full-depth PPL", "Routed PPL", "Share of the cost"], [
+        [r["class"], f"{r['share']:.1f}%", f"{r['exited']:.1f}%", f"{r['full_ppl']:.3f}", f"{r['routed_ppl']:.3f}",
+         f"{r['cost_share']:.1f}%"] for r in measure.class_table(stats, cfg, depth, cls, names)])))
 
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
-    cfg = model.config
+    cfg, routers = model.config, learned.from_checkpoint(ckpt, device)
     check_exit_trained(cfg, args.checkpoint)
+    args.measures = measures(args, routers)
     print(describe(ckpt, args.checkpoint) + f" | device {device}")
     trained = ckpt.get("args") or {}
-    ids, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
-                           args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
-    stats, rows, oracle = run_sweep(model, ids, args, device)
+    data = args.data if args.data is not None else trained.get("data", "")
+    ids, source = eval_ids(data, args.split, args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    stats, rows, oracle = run_sweep(model, ids, args, device, routers)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     exits = " | ".join(f"exit only ({k}L) PPL {measure.ppl(stats['ce'][k]):.3f}" for k in cfg.exits)
     print(f"full depth ({cfg.n_layer}L) PPL {full:.3f} | {exits} | best oracle PPL {oracle.ce.min().exp().item():.3f}")
 
-    analysis, series = {}, []
-    for m in args.confidence:
+    analysis, series, fractions = {}, [], {}
+    for m in args.measures:
         mine = [r for r in rows if r["confidence"] == m]
         print_table(mine, args.mode, m)
         analysis[m] = measure.analyse(mine, full, args.max_ppl_increase, oracle)
         print_analysis(analysis[m], args.max_ppl_increase)
+        fractions[m] = [x for b in BUDGETS for x in measure.oracle_fraction(mine, full, b, oracle)]
         series.append((f"{m} ({'true exit' if args.mode == 'exit' else 'masked'})", [(r["compute"], r["ppl"]) for r in mine]))
         if args.mode == "both":
             series.append((f"{m} (true exit)", [(r["compute"], r["exit_ppl"]) for r in mine]))
+    print_fractions(fractions)
     frontier = oracle.frontier()
     print_plot(series, frontier)
+    if args.windows and len(cfg.exits) == 1:
+        windows_section(stats, cfg, args, series)
+    if args.details:
+        details_section(stats, cfg, args, vocab)
+    calibrated = calibrate(model, vocab, data, args, device, routers) if args.calibrate else []
 
     result = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split,
               "tokens": len(stats["ce"][cfg.n_layer]), "mode": args.mode, "full_depth_ppl": full,
               "max_ppl_increase": args.max_ppl_increase, "rows": rows, "oracle": frontier,
               "analysis": {m: {k: v["threshold"] if isinstance(v, dict) else v for k, v in a.items() if v}
-                           for m, a in analysis.items()}}
+                           for m, a in analysis.items()},
+              "oracle_share": {m: {f"+{b:g}%": {"saved": v[3 * i], "oracle_saved": v[3 * i + 1], "share": v[3 * i + 2]}
+                                   for i, b in enumerate(BUDGETS)} for m, v in fractions.items()},
+              "calibrated": calibrated}
     write_files(args, result, series)
     return result
 

@@ -30,7 +30,8 @@ import checkpoint as ck
 import cli
 import eemini as ee
 import optim
-from data import get_batch, load_data
+import routers
+from data import get_batch, held_out, load_data
 from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
@@ -42,7 +43,8 @@ RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     g = cli.add_data(p, split=False)
-    g.add_argument("--train-chars", type=cli.number(int, 1), default=500_000, help="characters of the train split to use")
+    g.add_argument("--train-chars", type=cli.number(int, 1), default=1_000_000, help="characters of the train split "
+                   "to train on (the recipe: 2,000 steps of 4,096 characters are 8 passes over 1,000,000)")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=cli.number(int, 1), default=3, help="transformer layers")
     g.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width of the residual stream")
@@ -66,6 +68,10 @@ def parse_args(argv=None):
     g.add_argument("--layer-weights", type=cli.comma_list(cli.number(float, 0.0)), default=[],
                    help="one loss weight a layer, comma list (e.g. 0,0.7,0,0.3); overrides --loss")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
+    g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
+                   "(after --train-chars) to fit the learned routers on at the end (0 = no routers)")
+    g.add_argument("--router-epsilon", type=cli.number(float, 0.0), default=0.1, help="the loss router's label: the "
+                   "exit's CE within this many nats of the last layer's")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="muon", choices=optim.OPTIMIZERS, help="Muon for the blocks' matrices "
                    "and AdamW for the rest, or AdamW for all")
@@ -138,6 +144,7 @@ class Run:
     step: int = 0
     best_val: float = float("inf")
     history: list = field(default_factory=list)  # [{'step': n, 'val_ppl': {layer: ppl}}] at every evaluation
+    routers: dict = None  # learned routers, fitted at the end (routers.to_checkpoint)
 
     def log(self, *a, **k):  # rank 0 speaks for every process
         if self.rank == 0:
@@ -237,7 +244,7 @@ def evaluate(run, val, thresholds):
 
 def save(run, metrics):
     ck.save_checkpoint(run.args.out, run.raw, run.vocab, args=vars(run.args), step=run.step, best_val=run.best_val,
-                       history=run.history,
+                       history=run.history, **({"routers": run.routers} if run.routers else {}),
                        metrics=metrics, optimizer=[o.state_dict() for o in run.optimizers], seed=run.args.seed)
 
 
@@ -344,10 +351,24 @@ def final_report(run, val, t0):
     if cfg.exits:
         run.log(f"true early exit at threshold {run.args.threshold}: PPL {true_exit['ppl']:.3f} "
                 f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
+    fit_routers(run)
     save(run, {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
                "exit_only": shallow, "thresholds": table, "true_exit": true_exit})
     run.log(f"done: {run.step} steps in {cli.fmt_time(time.time() - t0)} | best val PPL (full depth) "
             f"{math.exp(run.best_val):.3f} | peak memory {peak_memory(run.device)} | saved {run.args.out}")
+
+
+def fit_routers(run):
+    """Learned routers for every trained exit, on held-out training text, into the checkpoint."""
+    a, cfg = run.args, run.raw.config
+    if not (a.router_chars and cfg.trained_exits):
+        return
+    ids = held_out(a.data, a.train_chars, a.router_chars, run.vocab)
+    if len(ids) <= 4 * (cfg.block_size + 1):
+        run.log(f"routers: skipped, only {len(ids):,} training characters after --train-chars {a.train_chars:,} "
+                f"(use a smaller --train-chars, or --router-chars 0 to say so)")
+        return
+    run.routers = routers.to_checkpoint(routers.fit_routers(run.raw, ids, a.router_epsilon, run.device), a.router_epsilon)
 
 
 def peak_memory(device):

@@ -137,10 +137,12 @@ def test_route_endpoints_even_when_softmax_rounds_to_one():
 
 
 def test_other_confidence_measures_are_in_unit_interval():
-    logits = torch.randn(4, 7, 11) * 3
+    logits, h, h_prev = torch.randn(4, 7, 11) * 3, torch.randn(4, 7, 8), torch.randn(4, 7, 8)
     for name, fn in ee.CONFIDENCE.items():
-        c = fn(logits)
+        c = fn(logits, h, h_prev)
         assert ((c >= -1e-6) & (c <= 1 + 1e-6)).all(), name
+    assert torch.allclose(ee.conf_saturation(logits, h, 3 * h), torch.ones(4, 7))  # a state that only grew
+    assert (ee.conf_saturation(logits, h, -h) == 0).all()  # one that turned around
     uniform, onehot = torch.zeros(1, 5), torch.tensor([[50.0, 0, 0, 0, 0]])
     assert ee.conf_entropy(uniform).item() == pytest.approx(0.0, abs=1e-6)
     for v in (3, 7, 170):  # float rounding never takes a uniform prediction below 0: threshold 0 exits it
@@ -402,13 +404,14 @@ def test_every_layout_keeps_true_exit_and_cached_decoding_exact(layout):
 
 def test_rotary_scores_depend_on_the_offset_only():
     """RoPE: q at position p and k at position p' score the same for every shift of both."""
-    cos, sin = ee.rotary_tables(ee.GPTConfig(block_size=64, n_embd=16, n_head=2))
+    turns = ee.rotary_tables(ee.GPTConfig(block_size=64, n_embd=16, n_head=2))
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    score = [(ee.rotate(q, torch.tensor([p + 5]), cos, sin) * ee.rotate(k, torch.tensor([p]), cos, sin)).sum()
+    score = [(ee.rotate(q, torch.tensor([p + 5]), turns) * ee.rotate(k, torch.tensor([p]), turns)).sum()
              for p in (0, 7, 40)]
     assert torch.allclose(torch.stack(score), score[0].expand(3), atol=1e-5)
-    assert not torch.allclose(ee.rotate(q, torch.tensor([3]), cos, sin), q)
-    assert torch.allclose(ee.rotate(q, torch.tensor([0]), cos, sin), q)  # position 0 is not turned
+    assert not torch.allclose(ee.rotate(q, torch.tensor([3]), turns), q)
+    assert torch.allclose(ee.rotate(q, torch.tensor([0]), turns), q)  # position 0 is not turned
+    assert torch.allclose(ee.rotate(q, torch.tensor([3]), turns).norm(), q.norm())  # turned, not stretched
 
 
 def test_calm_batch_rule_moves_each_position_all_together():

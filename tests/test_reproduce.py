@@ -54,7 +54,9 @@ def test_verdict_rules_on_hand_made_cases():
     assert reproduce.RULES["at_most"]([(5.1, 0.1, 3)], 5.0)[0] == "not supported"
     assert reproduce.RULES["bumpy"]([lo, hi, lo], None)[0] == "supported"
     assert reproduce.RULES["bumpy"]([lo, hi, (3.0, 0.1, 3)], None)[0] == "not supported"
-    assert reproduce.RULES["any_lower"]([hi, fuzzy, lo], None)[0] == "supported"
+    # picked: the second threshold is best on valid; on test it is lo, below full depth's hi
+    assert reproduce.RULES["picked"]([hi, hi, lo, (3.0, 0.1, 3), lo], None) == ("supported", "threshold #2 is best on valid")
+    assert reproduce.RULES["picked"]([lo, hi, lo, (3.0, 0.1, 3), hi], None)[0] == "not supported"
     assert reproduce.RULES["not_above"]([hi, lo], None)[0] == "not supported"
     assert {rule for _, _, rule, _, _ in CLAIMS} <= set(reproduce.RULES)
 
@@ -68,9 +70,13 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     out = tmp_path / "runs"
     argv = ["--data", str(wiki_folder), "--out-dir", str(out), *TINY]
     records = reproduce.main(reproduce.parse_args(argv))
-    assert set(records) == {name for name, *_ in reproduce.RUNS}  # Standard 1L and seed 004 included
-    assert {p.name for p in out.glob("*.pt")} == {f"{name}-seed0.pt" for name, *_ in reproduce.RUNS}
+    names = {name for name, *_ in reproduce.RUNS} | {f"curve-{name}" for name in reproduce.CURVES}
+    assert set(records) == names  # Standard 1L and seed 004 included, and the runs for the training curves
+    assert {p.name for p in out.glob("*.pt")} == {f"{name}-seed0.pt" for name in names}
     text = (out / "RESULTS.md").read_text()
+    curve = json.loads((out / "curve-std3L-seed0.json").read_text())["metrics"]
+    assert sorted({int(k.split("/")[1]) for k in curve if k.startswith("history/")}) == list(range(1, 9))  # 8 steps, 16 evals
+    assert "## PPL against training steps" in text and "← the budget" in text
     for heading in ("## Headline", "## Seed 000", "## Seed 001", "## Seed 002", "## Seed 003", "## Seed 004",
                     "## PPL against Compute", "## Key findings"):
         assert heading in text, heading
@@ -90,7 +96,7 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     (out / "aux-seed0.json").unlink()  # its checkpoint is finished: measured again, not retrained
     reproduce.main(reproduce.parse_args(argv))
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, skipped") == len(reproduce.RUNS) - 1
+    assert printed.count("finished earlier, skipped") == len(names) - 1
     assert "] aux seed 0 |" in printed and "ETA" in printed
     assert "nothing to train" in (out / "aux-seed0.log").read_text()
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt") if p.name != "aux-seed0.pt"} == \

@@ -41,12 +41,16 @@ def run_sweep(*argv):
 
 
 def direct_routed(model, ids, threshold, confidence):
-    """Reference: route every batch's logits (ee.route), then CE, shallow and compute by hand."""
-    ce, depth, L = [], [], model.config.n_layer
+    """Reference, by hand: each window's states, the exit's confidence from them, the exit's or the
+    last head's logits by threshold (1.0: nobody leaves), then CE, shallow and compute."""
+    ce, depth, L, k = [], [], model.config.n_layer, model.config.exits[0]
     for x, y in eval_windows(ids, model.config.block_size, 7):
-        logits, d, _ = ee.route(model.forward_all_layers(x), threshold, model.config.exits, confidence)
+        states = model.states(x)
+        exit_logits, final_logits = model.head(k, states[k]), model.head(L, states[L])
+        leave = (ee.CONFIDENCE[confidence](exit_logits, states[k], states[k - 1]) >= threshold) & (threshold < 1)
+        logits = torch.where(leave.unsqueeze(-1), exit_logits, final_logits)
         ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
-        depth.append(d.flatten())
+        depth.append(torch.where(leave, k, L).flatten())
     ce, depth = torch.cat(ce), torch.cat(depth).float()
     return math.exp(ce.mean().item()), 100.0 * (depth < L).float().mean().item(), 100.0 * depth.mean().item() / L
 
@@ -162,6 +166,8 @@ def test_bad_input(ckpts, tmp_path):
     assert "plain model without an exit point" in cli_error(sweep.main, sweep.parse_args, [str(plain)])
     msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--data", str(tmp_path / "nope")])
     assert "no data at" in msg
+    msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--confidence", "logit"])
+    assert "no confidence measure 'logit'" in msg and "has no learned routers" in msg
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -169,7 +175,8 @@ def test_bad_input(ckpts, tmp_path):
     (["--thresholds", "-0.1"], "threshold -0.1 is outside [0, 1]"),
     (["--thresholds", "a,b"], "threshold a is outside [0, 1] (or not a number)"),
     (["--thresholds", ""], "--thresholds is empty"),
-    (["--confidence", "logit"], "invalid choice"),
+    (["--calibrate", "-1"], "argument --calibrate: -1 is outside"),
+    (["--delta", "1"], "argument --delta: 1 is outside"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(sweep.parse_args, ["ckpt.pt", *argv], capsys)
@@ -185,3 +192,85 @@ def test_header_names_the_loss_weights_a_run_was_trained_with(tmp_path, capsys):
     run_sweep(out, "--thresholds", "0,1")
     header = capsys.readouterr().out.splitlines()[0]
     assert "exit after layer 2, loss weights L2=0.7, L4=0.3" in header and "asym" not in header
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """A tiny checkpoint with learned routers: trained on 4,000 characters, routers on the next 1,400."""
+    tmp = tmp_path_factory.mktemp("routers")
+    (tmp / "tiny.txt").write_text(tiny_text(7000))
+    train.main(train.parse_args(["--data", str(tmp / "tiny.txt"), "--out", str(tmp / "r.pt"), *TINY_TRAIN,
+                                 "--train-chars", "4000", "--router-chars", "2000"]))
+    return tmp / "r.pt"
+
+
+def test_learned_routers_are_measures_like_the_others(routed, capsys):
+    assert set(ck.load_checkpoint(routed)["routers"]["state"]) == {"consistency", "loss"}
+    res = run_sweep(routed, "--confidence", "all", "--mode", "both", "--thresholds", "0,0.5,1")
+    printed = capsys.readouterr().out
+    assert {r["confidence"] for r in res["rows"]} == {*ee.CONFIDENCE, "router-consistency", "router-loss"}
+    for r in res["rows"]:
+        if r["threshold"] in (0, 1):  # the endpoints do not depend on the measure
+            assert r["shallow"] == (100.0 if r["threshold"] == 0 else 0.0)
+            assert r["exit_ppl"] == pytest.approx(r["ppl"], rel=1e-5)
+    assert "## Against the oracle" in printed and "| router-loss |" in printed
+    assert set(res["oracle_share"]["router-loss"]) == {"+1%", "+2%"}
+
+
+def test_rows_carry_paired_bootstrap_intervals(ckpts, capsys):
+    res = run_sweep(ckpts / "asym.pt", "--thresholds", "0,0.5,1", "--resamples", "200")
+    for r in res["rows"]:
+        assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["delta_lo"] <= r["delta_ppl"] <= r["delta_hi"]
+    full = [r for r in res["rows"] if r["threshold"] == 1][0]
+    assert full["delta_lo"] == full["delta_hi"] == 0  # full depth against itself: no spread at all
+    assert "ΔPPL vs full depth [95% CI]" in capsys.readouterr().out
+
+
+def test_calibrated_thresholds_are_chosen_on_valid_and_shown_on_test(wiki_folder, tmp_path, capsys):
+    out = tmp_path / "w.pt"
+    train.main(train.parse_args(["--data", str(wiki_folder), "--out", str(out), *TINY_TRAIN]))
+    capsys.readouterr()
+    res = run_sweep(out, "--calibrate", "1,50", "--delta", "0.2")
+    printed = capsys.readouterr().out
+    assert "## Thresholds with a guarantee (ppl, delta 0.2)" in printed and "With probability at least 0.8" in printed
+    tight, loose = res["calibrated"]
+    assert float(loose[2]) <= float(tight[2]) <= 1.0  # a looser budget, a lower threshold (1.0: none certified)
+    assert tight[-1] == "yes" or float(tight[2]) < 1.0  # never exiting always keeps its promise
+    res = run_sweep(out, "--calibrate", "20", "--risk", "consistency")
+    assert res["calibrated"][0][1] == "20%"
+
+
+def test_windows_and_details_sections(ckpts, capsys):
+    run_sweep(ckpts / "asym.pt", "--windows", "--details", "--thresholds", "0,0.5,1")
+    printed = capsys.readouterr().out
+    for heading in ("## Windows leaving as a whole", "## Token- and window-level routing", "## Calibration of the exit",
+                    "## Where exits go"):
+        assert heading in printed, heading
+
+
+def test_window_routing_moves_whole_windows_and_its_oracle_is_brute_force_best():
+    g = torch.Generator().manual_seed(2)
+    stats = {"ce": {1: torch.rand(12, generator=g), 3: torch.rand(12, generator=g)},
+             "conf": {"softmax": {1: torch.rand(12, generator=g)}}, "window": 4}
+    cfg = ee.GPTConfig(n_layer=3, exits=[1], block_size=4)
+    depth = measure.window_depth(stats, 0.5, cfg)
+    assert (depth.view(3, 4) == depth.view(3, 4)[:, :1]).all()
+    mean = stats["conf"]["softmax"][1].view(3, 4).mean(1)
+    assert torch.equal(depth.view(3, 4)[:, 0] == 1, mean >= 0.5)
+    oracle = measure.window_oracle(stats, cfg)
+    ce = {k: v.view(3, 4) for k, v in stats["ce"].items()}
+    for n in range(4):
+        best = min(sum((ce[3][w] if w in deep else ce[1][w]).sum() for w in range(3)).item() / 12
+                   for deep in itertools.combinations(range(3), n))
+        assert math.log(oracle[n]["ppl"]) == pytest.approx(best, rel=1e-6)
+
+
+def test_oracle_share_and_character_classes_by_hand():
+    rows = [{"ppl": 10.05, "compute": 70.0}, {"ppl": 10.5, "compute": 50.0}, {"ppl": 10.0, "compute": 100.0}]
+    oracle = type("O", (), {"least_compute": lambda self, limit: 40.0})()
+    assert measure.oracle_fraction(rows, 10.0, 1.0, oracle) == (30.0, 60.0, 0.5)
+    itos = list(" \nab1,")
+    target, previous = torch.tensor([0, 1, 2, 3, 4, 5, 2]), torch.tensor([2, 0, 0, 2, 3, 4, 4])
+    cls, names = measure.char_class(target, itos, previous)
+    assert [names[c] for c in cls] == ["space", "newline", "word start", "inside word", "digit", "punctuation",
+                                       "word start"]
