@@ -114,7 +114,7 @@ def upgrade_v1(ckpt):
         weights = {k: 1.0 for k in [*heads, cfg["n_layer"]]}
     if "exit_layer" in args:
         args["exit_layers"] = exits
-    gpt2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False}  # the only layout there was
+    gpt2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False, "exit_dropout": 0.0}  # all there was
     return {**ckpt, "format": FORMAT, "config": {**cfg, **gpt2, "exits": exits, "loss_weights": weights},
             "args": {**args, **gpt2, "optimizer": "adamw"}}
 

@@ -122,8 +122,9 @@ def load_data(data, train_chars=500_000, val_chars=50_000, split="valid", verbos
 
 def held_out(data, train_chars, n, vocab):
     """The n characters of the train split right after the first train_chars (text the model never
-    trained on, for what is fitted to a trained model), in its vocabulary; possibly fewer."""
-    return vocab.encode(read_split(data, "train")[0][train_chars : train_chars + n])
+    trained on, for what is fitted to a trained model), in its vocabulary; possibly fewer, and none
+    when the model trained on the whole split (train_chars 0)."""
+    return vocab.encode(read_split(data, "train")[0][train_chars : train_chars + n] if train_chars else "")
 
 
 def eval_ids(data, split, val_chars, vocab):
@@ -144,13 +145,20 @@ def get_batch(data, block_size, batch_size, generator, device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def eval_windows(data, block_size, batch_size):
-    """Non-overlapping (x, y) windows covering data, batch_size windows at a time."""
-    n = (len(data) - 1) // block_size
-    if n == 0:
+def eval_windows(data, block_size, batch_size, stride=0):
+    """(x, y) windows of data, batch_size windows at a time. stride 0: windows side by side, every
+    character scored, the first of each window with no context at all. A stride s < block_size: windows
+    overlapping, moving on by s; only the last s characters of each are scored (each character once,
+    every one with at least block_size - s characters of context), the others are marked -100 in y."""
+    step = stride or block_size
+    n = (len(data) - 1 - block_size) // step + 1 if len(data) > block_size else 0
+    if n <= 0:
         raise EEminiError(f"the evaluation text ({len(data)} chars) is shorter than one window of "
                           f"{block_size + 1} (the model's context + 1); use more --val-chars")
-    x = data[: n * block_size].view(n, block_size)
-    y = data[1 : n * block_size + 1].view(n, block_size)
+    starts = torch.arange(n) * step
+    cols = torch.arange(block_size)
+    x, y = data[starts[:, None] + cols], data[starts[:, None] + cols + 1]
+    if stride:
+        y = y.masked_fill(cols < block_size - stride, -100)  # context only
     for i in range(0, n, batch_size):
         yield x[i : i + batch_size], y[i : i + batch_size]

@@ -51,6 +51,7 @@ class GPTConfig:
     norm: str = "rms"  # "rms" (RMSNorm, no parameters) or "layer" (LayerNorm with a gain)
     mlp: str = "relu2"  # the MLP's nonlinearity: "relu2" (ReLU squared), "gelu" or "swiglu"
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    exit_dropout: float = 0.2  # training only: the share of tokens frozen at each trained exit (see forward)
 
     def __post_init__(self):
         self.exits = sorted(set(self.exits))
@@ -309,17 +310,24 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
-        sum_k w_k CE(layer k) over config.loss_weights (then only the weighted heads are computed)."""
-        weights = self.config.loss_weights
-        wanted = set(weights) if targets is not None else {*self.config.head_layers, self.config.n_layer}
-        x, logits = self.embed(idx), {}
+        sum_k w_k CE(layer k) over config.loss_weights (then only the weighted heads are computed).
+        With exit_dropout, training freezes a random share of the tokens at each exit, as true early
+        exit would: the layers above see their frozen states, and heads above do not score them."""
+        cfg, weights = self.config, self.config.loss_weights
+        wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
+        x, logits, frozen, scored = self.embed(idx), {}, None, {}
+        drop = cfg.exit_dropout if self.training and targets is not None else 0.0
         for k, block in enumerate(self.transformer.h, 1):
-            x = block(x)
+            x = block(x) if frozen is None else torch.where(frozen.unsqueeze(-1), x, block(x))
             if k in wanted:
                 logits[k] = self.head(k, x)
+                scored[k] = targets if frozen is None else targets.masked_fill(frozen, -100)  # -100: not scored
+            if drop and k in cfg.trained_exits:  # LayerSkip-style exit dropout [5], per token
+                leave = torch.rand(idx.shape, device=idx.device) < drop
+                frozen = leave if frozen is None else frozen | leave
         if targets is None:
             return logits, None
-        ce = {k: F.cross_entropy(logits[k].flatten(0, 1), targets.flatten()) for k in weights}
+        ce = {k: F.cross_entropy(logits[k].flatten(0, 1), scored[k].flatten(), ignore_index=-100) for k in weights}
         return logits, weighted_loss(ce, weights)
 
     def states(self, idx):

@@ -23,29 +23,30 @@ from eemini import CONFIDENCE, compute_percent, exit_depth, flops_percent, pick_
 
 
 @torch.no_grad()
-def token_stats(model, data, batch_size=64, device="cpu", routers=None):
+def token_stats(model, data, batch_size=64, device="cpu", routers=None, stride=0):
     """One masked forward over data: per token, CE and top character at every head, and each confidence
     measure (and each learned router, {name: {exit: router}}) at each exit point. {'ce': {layer: (N,)},
-    'top': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'target': (N,), 'window': T}, tokens in
-    text order, N a whole number of windows of T = the model's block_size."""
+    'top': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'target': (N,), 'window': T}: the scored
+    tokens in text order, N a whole number of windows of T (the model's block_size; with a stride,
+    the stride: each window's scored part, see data.eval_windows)."""
     model.eval()
     cfg = model.config
     measures = {**CONFIDENCE, **(routers or {})}
-    ce, top, conf = {}, {}, {m: {} for m in measures}
-    for x, y in eval_windows(data, cfg.block_size, batch_size):
+    ce, top, conf, target = {}, {}, {m: {} for m in measures}, []
+    for x, y in eval_windows(data, cfg.block_size, batch_size, stride):
         x, y = x.to(device), y.to(device)
-        states = model.states(x)
+        states, keep = model.states(x), (y != -100).flatten()
+        target.append(y.flatten()[keep].cpu())
         for k in [*cfg.head_layers, cfg.n_layer]:
             lg = model.head(k, states[k]).float()
-            ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none").cpu())
-            top.setdefault(k, []).append(lg.argmax(-1).flatten().cpu())
+            ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none")[keep].cpu())
+            top.setdefault(k, []).append(lg.argmax(-1).flatten()[keep].cpu())
             for m in measures if k in cfg.exits else ():
                 fn = CONFIDENCE[m] if m in CONFIDENCE else routers[m][k]
-                conf[m].setdefault(k, []).append(fn(lg, states[k], states[k - 1]).flatten().cpu())
+                conf[m].setdefault(k, []).append(fn(lg, states[k], states[k - 1]).flatten()[keep].cpu())
     cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-    ce = cat(ce)
-    return {"ce": ce, "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()},
-            "target": data[1 : len(ce[cfg.n_layer]) + 1].clone(), "window": cfg.block_size}
+    return {"ce": cat(ce), "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()},
+            "target": torch.cat(target), "window": stride or cfg.block_size}
 
 
 def ppl(ce):
@@ -67,29 +68,32 @@ def routed_metrics(stats, threshold, cfg, confidence="softmax"):
     """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
     depth = routed_depth(stats, threshold, cfg, confidence)
     ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
-    return summarize(ce, depth, cfg, threshold)
+    return summarize(ce, depth, cfg, threshold, stats["window"])
 
 
-def summarize(ce, depth, cfg, threshold):
-    """One row of a results table from per-token CE and exit depth (tokens in whole windows)."""
+def summarize(ce, depth, cfg, threshold, window=None):
+    """One row of a results table from per-token CE and exit depth (tokens in whole windows of
+    `window`, by default the model's block_size)."""
     return {"threshold": threshold, "ppl": ppl(ce),
             "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
             "compute": compute_percent(depth, cfg.n_layer),
-            "flops": flops_percent(depth.view(-1, cfg.block_size), cfg)}
+            "flops": flops_percent(depth.view(-1, window or cfg.block_size), cfg)}
 
 
 @torch.no_grad()
-def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax", whole_batch=False):
+def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence="softmax", whole_batch=False,
+                 stride=0):
     """The same figures as routed_metrics, measured with true early exit (one pass a threshold:
     which states the deep layers see depends on who exited). whole_batch: CALM's rule, over
     batch_size windows read side by side."""
     model.eval()
     ce, depth = [], []
-    for x, y in eval_windows(data, model.config.block_size, batch_size):
+    for x, y in eval_windows(data, model.config.block_size, batch_size, stride):
         logits, d, _ = model.forward_exit(x.to(device), threshold, confidence, whole_batch=whole_batch)
-        ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
-        depth.append(d.flatten().cpu())
-    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold)
+        keep = (y != -100).flatten()
+        ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu()[keep])
+        depth.append(d.flatten().cpu()[keep])
+    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold, stride or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def window_rows(stats, cfg, thresholds, confidence="softmax", how="mean"):
     for t in thresholds:
         depth = window_depth(stats, t, cfg, confidence, how)
         ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
-        rows.append({"confidence": f"{confidence} (window {how})", **summarize(ce, depth, cfg, t)})
+        rows.append({"confidence": f"{confidence} (window {how})", **summarize(ce, depth, cfg, t, stats["window"])})
     return rows
 
 

@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    "(one pass in all), true early exit (one pass a threshold), or both side by side")
     g.add_argument("--max-ppl-increase", type=cli.number(float, 0.0), default=1.0,
                    help="PPL budget in %% over full depth for 'most compute saved'")
+    g.add_argument("--stride", type=cli.number(int, 0), default=0, help="evaluation windows: 0 = side by side (every "
+                   "character scored, a window's first ones with little context); N = overlapping, moving on by N, "
+                   "only each window's last N characters scored (all with >= block_size - N of context)")
     g = p.add_argument_group("guarantees and details")
     g.add_argument("--calibrate", type=cli.comma_list(cli.number(float, 0.0)), default=[],
                    help="PPL budgets in %% (or, with --risk consistency, shares of changed characters in %%): "
@@ -83,6 +86,12 @@ def parse_args(argv=None):
     args.thresholds = sorted(set(args.thresholds))
     args.confidence = list(dict.fromkeys(args.confidence))
     return args
+
+
+def check_stride(args, cfg):
+    if args.stride >= cfg.block_size:
+        raise ee.EEminiError(f"--stride {args.stride} is not below the model's context ({cfg.block_size}); "
+                             f"0 reads windows side by side")
 
 
 def describe(ckpt, path):
@@ -183,14 +192,14 @@ def run_sweep(model, ids, args, device, routers):
     one true-exit pass a row. Returns the statistics, the rows and the oracle."""
     t0, cfg = time.time(), model.config
     with cli.autocast(device):
-        stats = measure.token_stats(model, ids, args.eval_batch_size, device, routers)
+        stats = measure.token_stats(model, ids, args.eval_batch_size, device, routers, args.stride)
     oracle = measure.Oracle(stats, cfg)
     rows = measure.masked_sweep(stats, cfg, args.thresholds, args.measures, oracle)
     for r in rows if args.resamples else ():
         depth = measure.routed_depth(stats, r["threshold"], cfg, r["confidence"])
         routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
         (r["ppl_lo"], r["ppl_hi"]), (r["delta_lo"], r["delta_hi"]) = un.bootstrap(
-            routed, stats["ce"][cfg.n_layer], cfg.block_size, args.resamples)
+            routed, stats["ce"][cfg.n_layer], stats["window"], args.resamples)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"masked: one pass over {len(stats['ce'][cfg.n_layer]):,} tokens, {len(rows)} rows read from it, "
           f"{time.time() - t0:.2f} s")
@@ -199,7 +208,7 @@ def run_sweep(model, ids, args, device, routers):
         for r in rows:
             with cli.autocast(device):
                 e = measure.exit_metrics(model, ids, r["threshold"], args.eval_batch_size, device,
-                                         routers.get(r["confidence"], r["confidence"]))
+                                         routers.get(r["confidence"], r["confidence"]), stride=args.stride)
             if args.mode == "both":
                 r["exit_ppl"] = e["ppl"]
             else:  # the true-exit figures replace the masked ones; the oracle stays the masked one
@@ -213,9 +222,10 @@ def run_sweep(model, ids, args, device, routers):
 def calibrate(model, vocab, data, args, device, routers):
     """Learn then Test [3] for each --calibrate budget: the lowest threshold whose risk stays within
     budget with probability >= 1 - delta over the valid windows, then that threshold on test."""
-    cfg, T = model.config, model.config.block_size
+    cfg = model.config
     splits = {s: measure.token_stats(model, eval_ids(data, s, args.calibrate_chars, vocab)[0], args.eval_batch_size,
-                                     device, routers) for s in ("valid", "test")}
+                                     device, routers, args.stride) for s in ("valid", "test")}
+    T = splits["valid"]["window"]
     grid = [1 - i / 100 for i in range(101)]  # from 1.0 (no exit: no risk at all, so no test) down by 0.01
     print(f"\n## Thresholds with a guarantee ({args.risk}, delta {args.delta:g}): chosen on valid, shown on test\n")
     print(f"With probability at least {1 - args.delta:g} over the {len(splits['valid']['target']) // T:,} valid windows "
@@ -302,6 +312,7 @@ def main(args):
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg, routers = model.config, learned.from_checkpoint(ckpt, device)
     check_exit_trained(cfg, args.checkpoint)
+    check_stride(args, cfg)
     args.measures = measures(args, routers)
     print(describe(ckpt, args.checkpoint) + f" | device {device}")
     trained = ckpt.get("args") or {}

@@ -35,7 +35,8 @@ from data import get_batch, held_out, load_data
 from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
-GPT2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw"}  # --gpt2
+GPT2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw",  # --gpt2
+        "exit_dropout": 0.0}
 RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads", "compile", "out", "resume",
                 "overwrite", "restart_schedule")
 
@@ -43,8 +44,8 @@ RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     g = cli.add_data(p, split=False)
-    g.add_argument("--train-chars", type=cli.number(int, 1), default=1_000_000, help="characters of the train split "
-                   "to train on (the recipe: 2,000 steps of 4,096 characters are 8 passes over 1,000,000)")
+    g.add_argument("--train-chars", type=cli.number(int, 0), default=1_000_000, help="characters of the train split "
+                   "to train on, 0 = all (the recipe: 2,000 steps of 4,096 characters are 8 passes over 1,000,000)")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=cli.number(int, 1), default=3, help="transformer layers")
     g.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width of the residual stream")
@@ -56,8 +57,9 @@ def parse_args(argv=None):
     g.add_argument("--norm", default="rms", choices=sorted(ee.NORMS), help="RMSNorm, or GPT-2's LayerNorm")
     g.add_argument("--mlp", default="relu2", choices=sorted(ee.MLPS), help="the MLP's nonlinearity")
     g.add_argument("--qk-norm", action="store_true", help="RMS-normalise queries and keys")
-    g.add_argument("--gpt2", action="store_true", help="start from GPT-2's layout and optimiser (--pos learned "
-                   "--norm layer --mlp gelu --optimizer adamw), for comparison; flags given beside it still count")
+    g.add_argument("--gpt2", action="store_true", help="start from eemini's first recipe, GPT-2's layout and "
+                   "optimiser (--pos learned --norm layer --mlp gelu --optimizer adamw --exit-dropout 0), for "
+                   "comparison; flags given beside it still count")
     g = p.add_argument_group("early exit")
     g.add_argument("--exit-layers", type=cli.comma_list(cli.number(int, 0)), default=[1],
                    help="exit points, comma list, each in 1..n_layer-1 (0 = a plain GPT without an exit, e.g. "
@@ -67,6 +69,9 @@ def parse_args(argv=None):
                    help="weight of the exit's CE in asym / asym_deepsup")
     g.add_argument("--layer-weights", type=cli.comma_list(cli.number(float, 0.0)), default=[],
                    help="one loss weight a layer, comma list (e.g. 0,0.7,0,0.3); overrides --loss")
+    g.add_argument("--exit-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.2,
+                   help="training: freeze this share of the tokens at each trained exit, so that the deep layers "
+                   "learn to read frozen states, as they must under true early exit")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
                    "(after --train-chars) to fit the learned routers on at the end (0 = no routers)")
@@ -207,7 +212,7 @@ def build_model(args, vocab):
     return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
                                exits=args.exit_layers, loss_weights=weights, pos=args.pos, norm=args.norm,
-                               mlp=args.mlp, qk_norm=args.qk_norm))
+                               mlp=args.mlp, qk_norm=args.qk_norm, exit_dropout=args.exit_dropout))
 
 
 def train_step(run, train_data, gen):

@@ -426,3 +426,26 @@ def test_calm_batch_rule_moves_each_position_all_together():
     assert (depth >= row_depth.max(0).values).all() and (depth < 4).any()  # and never earlier than any row
     one, _, _ = model.forward_exit(x[:1], thr, whole_batch=True)
     assert torch.equal(one, model.forward_exit(x[:1], thr)[0])
+
+
+def test_exit_dropout_freezes_tokens_as_true_exit_would():
+    """Training with exit dropout: tokens drawn at the exit keep their exit-layer state above it (the
+    deep layers read it as K/V, as under true early exit) and only the exit head scores them."""
+    model = make_model(exit_dropout=0.3).train()
+    x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))
+    torch.manual_seed(5)
+    _, loss = model(x, y)
+    torch.manual_seed(5)
+    h = model.transformer.h[0](model.embed(x))
+    exit_logits = model.head(1, h)
+    frozen = torch.rand(2, 16) < 0.3
+    for block in model.transformer.h[1:]:
+        h = torch.where(frozen.unsqueeze(-1), h, block(h))
+    final = F.cross_entropy(model.head(3, h)[~frozen], y[~frozen])
+    want = 0.7 * F.cross_entropy(exit_logits.flatten(0, 1), y.flatten()) + 0.3 * final
+    assert 0 < frozen.sum() < 32 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    model.eval()  # evaluation never drops
+    assert torch.equal(model(x)[0][3], make_model(exit_dropout=0.0)(x)[0][3])
+    plain = make_model(loss_weights={3: 1.0}).train()  # an exit no loss reaches (--loss final) drops nothing
+    torch.manual_seed(5)
+    assert plain(x, y)[1].item() == pytest.approx(F.cross_entropy(plain(x)[0][3].flatten(0, 1), y.flatten()).item())

@@ -274,3 +274,21 @@ def test_oracle_share_and_character_classes_by_hand():
     cls, names = measure.char_class(target, itos, previous)
     assert [names[c] for c in cls] == ["space", "newline", "word start", "inside word", "digit", "punctuation",
                                        "word start"]
+
+
+def test_a_stride_scores_each_character_once_with_context(ckpts):
+    """Windows overlapping by half: each character scored once (the last half of every window), and
+    with a block of 16 every scored one has at least 8 characters of context. Against a reference
+    that reads each scored character's logits from its own window."""
+    model, vocab = ck.model_from_checkpoint(ck.load_checkpoint(ckpts / "asym.pt"))
+    ids = vocab.encode(read_split(ckpts / "tiny.txt", "valid")[0][:200])
+    stats = measure.token_stats(model, ids, 4, stride=8)
+    n = (len(ids) - 1 - 16) // 8 + 1
+    assert torch.equal(stats["target"], ids[16 - 8 + 1 : 16 + 8 * (n - 1) + 1]) and stats["window"] == 8
+    want = []
+    for w in range(n):
+        x = ids[8 * w : 8 * w + 16].view(1, -1)
+        want.append(F.cross_entropy(model.forward_all_layers(x)[3][0, 8:], ids[8 * w + 9 : 8 * w + 17], reduction="none"))
+    assert torch.allclose(stats["ce"][3], torch.cat(want), atol=1e-5)
+    row = measure.exit_metrics(model, ids, 1.0, 4, stride=8)
+    assert row["ppl"] == pytest.approx(measure.ppl(stats["ce"][3]), rel=1e-5)
