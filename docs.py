@@ -5,11 +5,13 @@ code prints now (or, with --write, put the new output in their place).
 A quoted block is a fenced block right after a `<!-- output: NAME -->` line. Inside it, `$ python ...`
 lines are commands, run in order in one scratch folder (so `sweep.py ckpt.pt` finds the checkpoint the
 block before it trained), and the lines after each are its output. A line `...` stands for lines left
-out: the part after it starts at the output line whose text up to its first ` | ` is the same. What
+out: the part after it starts at the output line whose text up to its first ` | ` is the same (a
+last `...` leaves the rest out). What
 changes from run to run is masked before comparing: timings, tokens/s, memory, where the data lives.
 `<!-- output: NAME timing -->` marks a block of timings (benchmarks): run only with --timing, and
-never counted as differing. The figures are exact only on the machine and thread count they were
-made with; the README says which.
+never counted as differing; `slow` marks one that takes long (several trainings): run only with
+--slow. The figures are exact only on the machine and thread count they were made with; the README
+says which.
 
     python docs.py --cheap                 # seconds: every README command parses, quoted tables agree
     python docs.py                         # minutes: re-run each quoted block, report which differ
@@ -32,7 +34,7 @@ import cli
 from eemini import EEminiError
 
 ROOT = Path(__file__).resolve().parent
-MARK = re.compile(r"<!-- output: (\S+)( timing)? -->")
+MARK = re.compile(r"<!-- output: (\S+)((?: (?:timing|slow))*) -->")
 VOLATILE = [  # (pattern, replacement): what differs between two runs of the same code
     (re.compile(r" +[\d.]+ ms\b"), " # ms"), (re.compile(r" +[\d,]+ tok/s"), " # tok/s"),
     (re.compile(r"\b(ETA|in|elapsed) \d+m\d\ds"), r"\1 #"), (re.compile(r"\bin [\d.]+ ?s\b"), "in #s"),
@@ -44,10 +46,12 @@ VOLATILE = [  # (pattern, replacement): what differs between two runs of the sam
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="the Markdown file whose blocks to check")
-    p.add_argument("--only", type=cli.comma_list(str), default=[], help="block names to run, comma list (default all)")
+    p.add_argument("--only", type=cli.comma_list(str), default=[], help="block names to run, comma list (default: "
+                   "all but the timing and slow ones)")
     p.add_argument("--cheap", action="store_true", help="run nothing: check that every command in the file parses "
                    "and that its tables agree with RESULTS.md")
     p.add_argument("--timing", action="store_true", help="also re-run the blocks of timings (benchmarks)")
+    p.add_argument("--slow", action="store_true", help="also re-run the blocks marked slow (several trainings)")
     p.add_argument("--write", action="store_true", help="write each re-run block's new output into the file")
     return p.parse_args(argv)
 
@@ -57,14 +61,15 @@ def parse_args(argv=None):
 
 
 def find_blocks(lines):
-    """[(name, timing?, first line, end line)] of every marked fenced block (the lines inside the fence)."""
+    """[(name, {'timing', 'slow'} flags, first line, end line)] of every marked fenced block (the
+    lines inside the fence)."""
     blocks = []
     for i, line in enumerate(lines):
         m = MARK.fullmatch(line.strip())
         if m:
             start = i + 2  # the fence opens on the next line
             end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
-            blocks.append((m.group(1), bool(m.group(2)), start, end))
+            blocks.append((m.group(1), set(m.group(2).split()), start, end))
     return blocks
 
 
@@ -102,6 +107,8 @@ def excerpt(expected, actual):
     segments.append(seg)
     out, pos = [], 0
     for k, seg in enumerate(segments):
+        if k > 0 and not seg:  # a block that ends in `...`: the rest of the output is left out
+            return [*out, "..."]
         if k > 0:
             found = [j for j in range(pos, len(actual)) if seg and anchor(actual[j]) == anchor(seg[0])]
             if not found:
@@ -204,12 +211,12 @@ def main(args):
     if args.cheap:
         print(f"{len(readme_commands(lines))} commands parse" if not problems else f"{len(problems)} problem(s)")
         return problems
-    blocks = [b for b in find_blocks(lines) if (not args.only or b[0] in args.only) and (args.timing or not b[1])]
+    blocks = [b for b in find_blocks(lines) if wanted(b, args)]
     print(f"{path.name}: re-running {len(blocks)} quoted block(s) | {cli.machine()}")
     differ, rewritten = [], []
     with tempfile.TemporaryDirectory(prefix="eemini-docs-") as scratch:
-        for name, timing, start, end in blocks:  # in file order: a block may use what an earlier one wrote
-            t0, written = time.time(), []
+        for name, flags, start, end in blocks:  # in file order: a block may use what an earlier one wrote
+            t0, written, timing = time.time(), [], "timing" in flags
             for command, expected in commands(lines[start:end]):
                 actual = excerpt(expected, run_command(command, Path(scratch)))
                 same = actual is not None and [mask(a) for a in actual] == [mask(e) for e in expected]
@@ -227,6 +234,14 @@ def main(args):
         print(f"wrote {path}")
     print(f"{len(set(differ))} of {len(blocks)} block(s) differ" + (f": {', '.join(dict.fromkeys(differ))}" if differ else ""))
     return problems + differ
+
+
+def wanted(block, args):
+    """--only names blocks outright; otherwise timing and slow blocks only when asked for."""
+    name, flags, _, _ = block
+    if args.only:
+        return name in args.only
+    return (args.timing or "timing" not in flags) and (args.slow or "slow" not in flags)
 
 
 def show_difference(name, command, expected, actual):

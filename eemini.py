@@ -2,10 +2,10 @@
 eemini: confidence-routed early exit for a character-level GPT. This file is the model and the idea.
 
 Easy characters leave the network at a shallow exit; hard ones go through every layer. Read top to
-bottom: config -> attention, MLP, Block -> exit heads and the GPT (training forward, true early
-exit, generation) -> confidence and routing -> loss schemes -> KV cache -> compute accounting.
-What the scripts share but the model never touches lives beside it: data.py (text, vocabulary,
-windows), measure.py (per-token statistics, metrics, oracle, sweep rows), checkpoint.py, cli.py.
+bottom: config -> attention, MLP, Block -> exit heads and the GPT (training forward with exit
+dropout, true early exit) -> confidence and routing -> loss schemes -> compute accounting. Beside
+it: decode.py, the engine (KV cache, generation, self-speculative decoding), and what the scripts
+share but the model never touches: data.py, optim.py, measure.py, routers.py, checkpoint.py, cli.py.
 
 References
 [1] Teerapittayanon et al. 2016, BranchyNet: fast inference via early exiting. arXiv:1709.01686
@@ -51,7 +51,7 @@ class GPTConfig:
     norm: str = "rms"  # "rms" (RMSNorm, no parameters) or "layer" (LayerNorm with a gain)
     mlp: str = "relu2"  # the MLP's nonlinearity: "relu2" (ReLU squared), "gelu" or "swiglu"
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
-    exit_dropout: float = 0.2  # training only: the share of tokens frozen at each trained exit (see forward)
+    exit_dropout: float = 0.2  # training only: the share of tokens frozen at the trained exits (see forward)
 
     def __post_init__(self):
         self.exits = sorted(set(self.exits))
@@ -322,8 +322,8 @@ class GPT(nn.Module):
             if k in wanted:
                 logits[k] = self.head(k, x)
                 scored[k] = targets if frozen is None else targets.masked_fill(frozen, -100)  # -100: not scored
-            if drop and k in cfg.trained_exits:  # LayerSkip-style exit dropout [5], per token
-                leave = torch.rand(idx.shape, device=idx.device) < drop
+            if drop and k in cfg.trained_exits:  # LayerSkip-style exit dropout [5], per token; shared by the exits
+                leave = torch.rand(idx.shape, device=idx.device) < drop / len(cfg.trained_exits)
                 frozen = leave if frozen is None else frozen | leave
         if targets is None:
             return logits, None
@@ -350,7 +350,7 @@ class GPT(nn.Module):
     def forward_exit(self, idx, threshold, confidence="softmax", cache=None, whole_batch=False):
         """True early exit [3]: a token whose confidence at an exit point reaches the threshold
         stops there; the deep layers skip its attention query and MLP and compute only its K/V,
-        from its frozen state. With a cache (one KVCache a layer), idx continues the cached text.
+        from its frozen state. With a cache (decode.new_cache), idx continues the cached text.
         threshold None runs the plain model without exit checks (the honest speed baseline).
         whole_batch: CALM's batch rule [3], the tokens at a position leave only all together, when
         the least confident row clears the threshold (no gathering of rows; all or nothing).
@@ -380,53 +380,6 @@ class GPT(nn.Module):
         if deep.any():  # the last head, for the deep tokens only
             logits[deep] = self.head(cfg.n_layer, x[deep]).to(logits.dtype)
         return logits, depth, first_conf
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=None,
-                 confidence="softmax", generator=None, whole_batch=False):
-        """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
-        0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
-        (B, new). The context of each character is window(position): the cache is rebuilt from
-        the window's text when it moves on."""
-        cache, start, depths = None, None, []
-        for _ in range(max_new_tokens):
-            s = window(idx.size(1), self.config.block_size)
-            if s != start:  # (re)fill the cache from the window's text
-                cache, start, step_in = new_cache(self.config.n_layer), s, idx[:, s:]
-            logits, depth, _ = self.forward_exit(step_in, threshold, confidence, cache, whole_batch)
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-            depths.append(depth[:, -1])
-            idx = torch.cat([idx, nxt], dim=1)
-            step_in = nxt
-        return idx, torch.stack(depths, 1) if depths else idx.new_zeros(idx.size(0), 0)
-
-
-def window(t, block_size):
-    """Where the context of the character at position t begins: 0 while the text fits the model's
-    context, then moving on by half a context at a time (a cache refilled with the last half)."""
-    half = max(1, block_size // 2)
-    return 0 if t <= block_size else -(-(t - block_size) // half) * half
-
-
-def token_probs(logits, temperature=1.0, top_k=None):
-    """(B, V) next-character distribution of (B, V) logits: softmax of logits / temperature, kept to
-    the top_k most likely when top_k is set; at temperature 0 all mass on the argmax."""
-    logits = logits.float()
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return F.softmax(logits, dim=-1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """(B, 1) next ids from (B, V) logits: argmax at temperature 0, else a draw from token_probs."""
-    if temperature == 0:
-        return logits.float().argmax(-1, keepdim=True)
-    return torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=generator)
-
 
 # ----------------------------------------------------------------------------------------------
 # confidence and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
@@ -568,78 +521,6 @@ def layer_weights(loss, n_layer, exits, alpha=0.5, weights=None):
 
 def weighted_loss(ce_by_layer, weights):
     return sum(weights[k] * ce_by_layer[k] for k in weights)
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache: per layer, appendable and truncatable to a length
-
-
-class KVCache:
-    """Keys and values of one layer, preallocated to the context; appendable and truncatable.
-
-    truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
-    verifies, and the rejected drafts' entries are cut back, in each row to its own length when
-    rows accept different numbers of characters (length is then a (B,) tensor). `pending` holds the
-    frozen states of exited tokens whose K/V this layer has not written yet: computing it lazily,
-    for a run of easy tokens at once when the next deep token arrives, gives the same numbers with
-    far fewer steps.
-    """
-
-    def __init__(self):
-        self.k = self.v = self.pending = None
-        self.length = 0  # tokens whose K/V is written (pending ones come after them): an int, or (B,)
-
-    def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
-        if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, block_size, D)
-            self.v = v.new_empty(B, H, block_size, D)
-        if isinstance(self.length, int):
-            end = self.length + k.size(2)
-            self.k[:, :, self.length:end] = k
-            self.v[:, :, self.length:end] = v
-            self.length = end
-            return self.k[:, :, :end], self.v[:, :, :end]
-        at = positions(self.length, k.size(2), k.device)[:, None, :, None].expand_as(k)  # each row at its own end
-        self.k.scatter_(2, at, k)
-        self.v.scatter_(2, at, v)
-        self.length = self.length + k.size(2)
-        end = int(self.length.max())  # a row's keys past its own length are masked by position
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
-        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
-
-    def truncate(self, length):
-        """Keep the first `length` tokens: an int for every row, or (B,) lengths, one a row."""
-        if isinstance(length, int) and isinstance(self.length, int):
-            if self.pending is not None:
-                keep = length - self.length
-                self.pending = self.pending[:, :keep] if keep > 0 else None
-            self.length = min(self.length, length)
-            return
-        assert self.pending is None, "pending K/V is kept for one length in every row only"
-        new = torch.minimum(torch.as_tensor(self.length), torch.as_tensor(length))
-        self.length = int(new[0]) if (new == new[0]).all() else new  # back to one length when rows agree
-
-
-    def set_rows(self, rows, other, batch):
-        """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows with
-        one length, holds: a row's context refilled while the other rows go on."""
-        assert self.pending is None and other.pending is None and isinstance(other.length, int)
-        if other.k is not None:
-            if self.k is None:
-                self.k = other.k.new_empty(batch, *other.k.shape[1:])
-                self.v = other.v.new_empty(batch, *other.v.shape[1:])
-            self.k[rows, :, : other.length] = other.k[:, :, : other.length]
-            self.v[rows, :, : other.length] = other.v[:, :, : other.length]
-        length = torch.full((batch,), self.length, device=rows.device) if isinstance(self.length, int) else self.length.clone()
-        length[rows] = other.length
-        self.length = int(length[0]) if (length == length[0]).all() else length
-
-
-def new_cache(n_layer):
-    return [KVCache() for _ in range(n_layer)]
 
 
 # ----------------------------------------------------------------------------------------------

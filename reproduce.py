@@ -460,7 +460,7 @@ def report(records, args):
     A = lambda name, key: agg.get(ALIASES.get(name, name), {}).get(key)  # noqa: E731
     total = sum(r["seconds"] for recs in records.values() for r in recs)
     cmd = (f"python reproduce.py --data {args.data or '(download)'} --seeds {args.seeds} --max-iters {args.max_iters} "
-           f"--val-chars {args.val_chars}" + (f" --train-args '{shlex.join(args.train_args)}'" if args.train_args else "")
+           f"--val-chars {args.val_chars} --jobs {args.jobs}" + (f" --train-args '{shlex.join(args.train_args)}'" if args.train_args else "")
            + (f" --ec-args '{shlex.join(args.ec_args)}'" if args.ec_args else ""))
     t = f"{TAU:g}"
     head = [[what, *(fmt(A(name, k), d=d, unit=u) for k, d, u in (
@@ -470,7 +470,8 @@ def report(records, args):
         for name, script, what, _ in RUNS if script == "train.py" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
-             f"Total time {cli.fmt_time(total)} of runs.", "",
+             f"{cli.fmt_time(args.wall)} from start to end, {args.jobs} run(s) at a time ({cli.fmt_time(total)} of "
+             f"runs in all, counting each one alone).", "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "
              f"validation PPL on the first {args.val_chars:,} characters of the valid split. Where a table has no "
@@ -513,6 +514,7 @@ def main(args):
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
     records = run_all(args)
+    args.wall = time.time() - t0
     text, table = report(records, args)
     ck.write_text(args.results, text)
     ck.write_text(Path(args.results).with_name("results.csv"), table)

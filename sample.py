@@ -17,7 +17,7 @@ import torch
 import checkpoint as ck
 import cli
 import eemini as ee
-import speculative
+import decode
 
 SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones plain
 
@@ -78,11 +78,11 @@ def main(args):
     t0 = time.perf_counter()
     with cli.autocast(device):
         if args.speculative:
-            ids, stats = speculative.generate(model, prompt, args.max_new_tokens, args.draft_exit or cfg.exits[0],
+            ids, stats = decode.speculative(model, prompt, args.max_new_tokens, args.draft_exit or cfg.exits[0],
                                               args.speculative, args.temperature, args.top_k or None, gen)
             depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
         else:
-            ids, depths = model.generate(prompt, args.max_new_tokens, threshold, args.temperature,
+            ids, depths = decode.generate(model, prompt, args.max_new_tokens, threshold, args.temperature,
                                          args.top_k or None, args.confidence, gen)
     cli.synchronize(device)
     dt = time.perf_counter() - t0

@@ -70,8 +70,8 @@ def parse_args(argv=None):
     g.add_argument("--layer-weights", type=cli.comma_list(cli.number(float, 0.0)), default=[],
                    help="one loss weight a layer, comma list (e.g. 0,0.7,0,0.3); overrides --loss")
     g.add_argument("--exit-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.2,
-                   help="training: freeze this share of the tokens at each trained exit, so that the deep layers "
-                   "learn to read frozen states, as they must under true early exit")
+                   help="training: freeze this share of the tokens at the trained exits (split evenly among them), so "
+                   "that the deep layers learn to read frozen states, as they must under true early exit")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
                    "(after --train-chars) to fit the learned routers on at the end (0 = no routers)")

@@ -24,16 +24,17 @@ import cli  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ["--gpt2"]
 VARIANTS = [  # (name, what it is, train.py flags)
-    ("gpt2", "GPT-2 layout, AdamW (eemini before)", GPT2),
+    ("gpt2", "GPT-2 layout, AdamW, 500,000 characters (eemini before)", [*GPT2, "--train-chars", "500000"]),
+    ("gpt2-1M", "GPT-2 layout, AdamW, 1,000,000 characters", GPT2),
     ("muon", "+ Muon for the blocks' matrices", [*GPT2, "--optimizer", "muon"]),
     ("rope", "+ rotary positions", [*GPT2, "--pos", "rope"]),
     ("relu2", "+ ReLU² MLP", [*GPT2, "--mlp", "relu2"]),
     ("qk", "+ QK-norm", [*GPT2, "--qk-norm"]),
     ("rms", "+ RMSNorm", [*GPT2, "--norm", "rms"]),
     ("rope-muon", "+ rotary + Muon", [*GPT2, "--pos", "rope", "--optimizer", "muon"]),
-    ("recipe", "rotary + RMSNorm + ReLU² + Muon (the default)", []),
+    ("recipe", "rotary + RMSNorm + ReLU² + Muon, 1,000,000 characters (the default)", []),
     ("recipe-qk", "the default + QK-norm", ["--qk-norm"]),
-    ("recipe-1M", "the default, 1,000,000 training characters", ["--train-chars", "1000000"]),
+    ("recipe-500k", "the default on 500,000 characters (16 passes over the text, not 8)", ["--train-chars", "500000"]),
 ]
 LAYERS = {"3L": ["--n-layer", "3"], "1L": ["--n-layer", "1", "--exit-layers", "0"]}
 

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
+import decode  # noqa: E402
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 import measure  # noqa: E402
-import speculative  # noqa: E402
 from data import eval_ids  # noqa: E402
 
 
@@ -52,15 +52,15 @@ def timed(fn, device):
 def methods(model, tau, spec):
     """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy."""
     e, k = spec
-    return {"full depth": lambda x, n: model.generate(x, n, None, temperature=0),
-            "confidence exit (per row)": lambda x, n: model.generate(x, n, tau, temperature=0),
-            "CALM batch rule": lambda x, n: model.generate(x, n, tau, temperature=0, whole_batch=True),
-            f"self-speculative (exit {e}, K={k})": lambda x, n: speculative.generate(model, x, n, e, k, temperature=0)}
+    return {"full depth": lambda x, n: decode.generate(model, x, n, None, temperature=0),
+            "confidence exit (per row)": lambda x, n: decode.generate(model, x, n, tau, temperature=0),
+            "CALM batch rule": lambda x, n: decode.generate(model, x, n, tau, temperature=0, whole_batch=True),
+            f"self-speculative (exit {e}, K={k})": lambda x, n: decode.speculative(model, x, n, e, k, temperature=0)}
 
 
 def fastest_draft(model, prompt, new, lengths, device):
     """The (draft exit, K) with the most tokens/s on one short run each (chosen before the timed rounds)."""
-    runs = {(e, k): timed(lambda: speculative.generate(model, prompt, new // 2, e, k, temperature=0), device)[0]
+    runs = {(e, k): timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0), device)[0]
             for e in model.config.trained_exits for k in lengths}
     return min(runs, key=runs.get)
 
@@ -98,7 +98,7 @@ def main(args):
         for name in runs:
             speed = bs * args.new_tokens / statistics.median(secs[name])
             extra = outs[name][1]
-            if isinstance(extra, speculative.Stats):
+            if isinstance(extra, decode.Stats):
                 shown = f"{100 * extra.acceptance:.0f}% accepted, {extra.per_cycle:.2f} chars/pass"
                 layer, cost = "—", "0 (output identical)" if same else "OUTPUT DIFFERS"
             elif name == "full depth":

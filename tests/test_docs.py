@@ -24,6 +24,7 @@ def test_excerpt_follows_elisions_and_anchors():
     assert docs.excerpt(["head 1", "...", "step 3 | x", "tail"], actual) == ["head 1", "...", "step 3 | c", "tail"]
     assert docs.excerpt(["head 1", "head 2", "step 1 | a"], actual) == ["head 1", "head 2", *actual[2:]]  # to the end
     assert docs.excerpt(["head 1", "...", "step 9 | x"], actual) is None
+    assert docs.excerpt(["head 1", "...", "step 2 | x", "...", ], actual) == ["head 1", "...", "step 2 | b", "..."]
 
 
 def test_masking_hides_what_changes_between_runs_and_nothing_else():

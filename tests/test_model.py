@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import decode
 import eemini as ee
 from conftest import make_model, mid_threshold
 
@@ -222,7 +223,7 @@ def test_batch_exit_equals_cached_token_by_token(where):
     batch, bdepth, _ = model.forward_exit(x, thr)
     n_exited = (bdepth == 2).sum().item()
     assert {"none": n_exited == 0, "half": 0 < n_exited < 48, "all": n_exited == 48}[where]
-    cache = ee.new_cache(4)
+    cache = decode.new_cache(4)
     steps = [model.forward_exit(x[:, t : t + 1], thr, cache=cache) for t in range(16)]
     cached = torch.cat([s[0] for s in steps], 1)
     assert torch.equal(torch.cat([s[1] for s in steps], 1), bdepth)
@@ -238,7 +239,7 @@ def test_chunked_prefill_into_a_nonempty_cache_equals_batch(seed):
     thr = mid_threshold(model, x)
     batch, bdepth, _ = model.forward_exit(x, thr)
     cuts = sorted(torch.randperm(15, generator=torch.Generator().manual_seed(seed))[:4].add(1).tolist())
-    cache, outs, depths = ee.new_cache(4), [], []
+    cache, outs, depths = decode.new_cache(4), [], []
     for a, b in zip([0, *cuts], [*cuts, 16]):
         logits, depth, _ = model.forward_exit(x[:, a:b], thr, cache=cache)
         outs.append(logits)
@@ -254,14 +255,14 @@ def test_lazy_kv_of_exited_tokens_matches_batch():
     x = torch.randint(0, 23, (1, 16))
     thr = mid_threshold(model, x)
     batch, bdepth, _ = model.forward_exit(x, thr)
-    cache, outs, saw_pending = ee.new_cache(3), [], False
+    cache, outs, saw_pending = decode.new_cache(3), [], False
     for t in range(16):
         outs.append(model.forward_exit(x[:, t : t + 1], thr, cache=cache)[0])
         saw_pending |= cache[2].pending is not None
     assert saw_pending and torch.allclose(torch.cat(outs, 1), batch, atol=1e-5)
     # everything exits at threshold 0, so the deep layers' K/V stays pending; truncate inside that
     # run, then a deep tail (threshold 1) must see exactly the first 10 tokens
-    cache = ee.new_cache(3)
+    cache = decode.new_cache(3)
     for t in range(16):
         model.forward_exit(x[:, t : t + 1], 0.0, cache=cache)
     for c in cache:
@@ -269,7 +270,7 @@ def test_lazy_kv_of_exited_tokens_matches_batch():
     assert cache[2].pending.size(1) == 10
     tail = torch.randint(0, 23, (1, 6))
     resumed = torch.cat([model.forward_exit(tail[:, t : t + 1], 1.0, cache=cache)[0] for t in range(6)], 1)
-    ref = ee.new_cache(3)
+    ref = decode.new_cache(3)
     model.forward_exit(x[:, :10], 0.0, cache=ref)
     want, _, _ = model.forward_exit(tail, 1.0, cache=ref)
     assert torch.allclose(resumed, want, atol=1e-5)
@@ -282,7 +283,7 @@ def test_batched_decoding_equals_each_row_alone():
     x = torch.randint(0, 23, (3, 16))
     mid = mid_threshold(model, x)
     schedule = [0.0, 0.0, mid, 1.0, mid, 0.0, mid, mid, 1.0, 0.0, 0.0, mid, mid, mid, 1.0, mid]
-    caches = [ee.new_cache(4) for _ in range(4)]  # one for the batch, one for each row
+    caches = [decode.new_cache(4) for _ in range(4)]  # one for the batch, one for each row
     mixed = 0
     for t, thr in enumerate(schedule):
         batch, depth, _ = model.forward_exit(x[:, t : t + 1], thr, cache=caches[0])
@@ -296,7 +297,7 @@ def test_batched_decoding_equals_each_row_alone():
 def test_cache_truncate_replays_identically():
     model = make_model()
     x = torch.randint(0, 23, (1, 12))
-    thr, cache = mid_threshold(model, x), ee.new_cache(3)
+    thr, cache = mid_threshold(model, x), decode.new_cache(3)
     model.forward_exit(x[:, :8], thr, cache=cache)
     first, _, _ = model.forward_exit(x[:, 8:], thr, cache=cache)
     for c in cache:
@@ -310,11 +311,11 @@ def test_generation_is_reproducible_and_greedy_matches_batch():
     prompt = torch.randint(0, 23, (2, 4))
     thr = mid_threshold(model, torch.randint(0, 23, (2, 16)))
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a, da = model.generate(prompt, 30, threshold=thr, top_k=5, generator=g1)  # runs past block_size
-    b, db = model.generate(prompt, 30, threshold=thr, top_k=5, generator=g2)
+    a, da = decode.generate(model, prompt, 30, threshold=thr, top_k=5, generator=g1)  # runs past block_size
+    b, db = decode.generate(model, prompt, 30, threshold=thr, top_k=5, generator=g2)
     assert torch.equal(a, b) and torch.equal(da, db) and a.shape == (2, 34)
     assert 0 < (da == 1).sum() < da.numel()  # some characters exited, some went deep
-    greedy, depth = model.generate(prompt, 10, threshold=thr, temperature=0)
+    greedy, depth = decode.generate(model, prompt, 10, threshold=thr, temperature=0)
     logits, bdepth, _ = model.forward_exit(greedy[:, :-1], thr)
     assert torch.equal(logits[:, 3:].argmax(-1), greedy[:, 4:])  # each token is the batch argmax
     assert torch.equal(bdepth[:, 3:], depth)
@@ -396,7 +397,7 @@ def test_every_layout_keeps_true_exit_and_cached_decoding_exact(layout):
     logits, depth, _ = model.forward_exit(x, thr)
     want, want_depth = reference_exit(model, x, thr)
     assert torch.equal(depth, want_depth) and torch.allclose(logits, want, atol=1e-5)
-    cache = ee.new_cache(4)
+    cache = decode.new_cache(4)
     steps = [model.forward_exit(x[:, t : t + 1], thr, cache=cache) for t in range(16)]
     assert torch.allclose(torch.cat([s[0] for s in steps], 1), logits, atol=1e-5)
     assert ("wpe" in model.transformer) == (layout == "gpt2")
@@ -449,3 +450,20 @@ def test_exit_dropout_freezes_tokens_as_true_exit_would():
     plain = make_model(loss_weights={3: 1.0}).train()  # an exit no loss reaches (--loss final) drops nothing
     torch.manual_seed(5)
     assert plain(x, y)[1].item() == pytest.approx(F.cross_entropy(plain(x)[0][3].flatten(0, 1), y.flatten()).item())
+
+
+def test_a_cascade_leaves_at_the_first_confident_exit():
+    """Masked routing with exits after layers 1 and 2 of 4: each token's logits are those of the first
+    exit whose confidence clears the threshold (per exit, or one for all), else the last layer's."""
+    model = make_model(n_layer=4, exits=[1, 2])
+    x = torch.randint(0, 23, (3, 16))
+    logits = model.forward_all_layers(x)
+    c1, c2 = ee.conf_softmax(logits[1]), ee.conf_softmax(logits[2])
+    t1, t2 = c1.median().item(), c2.median().item()
+    routed, depth, _ = ee.route(logits, {1: t1, 2: t2}, [1, 2])
+    first, second = c1 >= t1, (c1 < t1) & (c2 >= t2)
+    assert torch.equal(depth, torch.where(first, 1, torch.where(second, 2, 4)))
+    assert first.any() and second.any() and (depth == 4).any()
+    for k, sel in ((1, first), (2, second), (4, depth == 4)):
+        assert torch.equal(routed[sel], logits[k][sel])
+    assert ee.compute_percent(depth, 4) == pytest.approx(100 * depth.float().mean().item() / 4)

@@ -1,4 +1,4 @@
-"""speculative.py: self-speculative decoding is the full model's decoding, character for character
+"""decode.py's self-speculative decoding is the full model's decoding, character for character
 (greedy) and in distribution (sampling), in every row of a batch that accepts at its own pace.
 
 Run: python -m pytest tests/test_speculative.py -q
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eemini as ee
-import speculative
+import decode
 from conftest import make_model
 
 
@@ -34,8 +34,8 @@ def model64(depth=2.5, **kw):
 def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k):
     model = model64()
     prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(k))
-    want, _ = model.generate(prompt, 60, threshold=1.0, temperature=0)  # block 16: refills at 17, 25, 33, ...
-    got, stats = speculative.generate(model, prompt, 60, draft_exit, k, temperature=0)
+    want, _ = decode.generate(model, prompt, 60, threshold=1.0, temperature=0)  # block 16: refills at 17, 25, 33, ...
+    got, stats = decode.speculative(model, prompt, 60, draft_exit, k, temperature=0)
     assert torch.equal(got, want)
     assert 0 < stats.acceptance < 1 and stats.drafted > 0  # a random exit is sometimes right, sometimes not
 
@@ -43,9 +43,9 @@ def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k):
 def test_each_row_is_what_it_would_be_alone():
     model = model64()
     prompt = torch.randint(0, 23, (4, 3), generator=torch.Generator().manual_seed(3))
-    batch, _ = speculative.generate(model, prompt, 40, 1, 4, temperature=0)
+    batch, _ = decode.speculative(model, prompt, 40, 1, 4, temperature=0)
     for b in range(4):
-        alone, _ = speculative.generate(model, prompt[b : b + 1], 40, 1, 4, temperature=0)
+        alone, _ = decode.speculative(model, prompt[b : b + 1], 40, 1, 4, temperature=0)
         assert torch.equal(batch[b], alone[0])
 
 
@@ -64,7 +64,7 @@ def full_model_as_draft(model, e):
 def test_a_draft_that_is_the_full_model_is_always_accepted(temperature):
     model = full_model_as_draft(model64(), 2)
     prompt = torch.randint(0, 23, (2, 4))
-    _, stats = speculative.generate(model, prompt, 50, 2, 4, temperature, generator=torch.Generator().manual_seed(0))
+    _, stats = decode.speculative(model, prompt, 50, 2, 4, temperature, generator=torch.Generator().manual_seed(0))
     assert stats.accepted == stats.drafted and stats.acceptance == 1.0
 
 
@@ -74,28 +74,28 @@ def test_the_cache_keeps_exactly_the_accepted_characters():
     decoding that row from scratch."""
     model = model64()
     rows = [torch.randint(0, 23, (6,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
-    cache, starts = ee.new_cache(4), [None] * 3
+    cache, starts = decode.new_cache(4), [None] * 3
     before = [len(r) for r in rows]
     seen = set()
     for _ in range(6):
-        speculative.refill(model, cache, rows, starts)
-        steps, accepted = speculative.cycle(model, cache, rows, starts, 1, 4, temperature=0)
+        decode.refill(model, cache, rows, starts)
+        steps, accepted = decode.cycle(model, cache, rows, starts, 1, 4, temperature=0)
         seen.add(tuple(accepted.tolist()))
         for c in cache:
             lengths = c.length if torch.is_tensor(c.length) else torch.full((3,), c.length)
             assert lengths.tolist() == [len(r) - 1 - s for r, s in zip(rows, starts)]
     assert any(len(set(a)) > 1 for a in seen)  # rows did accept different numbers in one cycle
     for b in range(3):
-        want, _ = model.generate(torch.tensor([rows[b][: before[b]]]), len(rows[b]) - before[b], 1.0, temperature=0)
+        want, _ = decode.generate(model, torch.tensor([rows[b][: before[b]]]), len(rows[b]) - before[b], 1.0, temperature=0)
         assert want[0].tolist() == rows[b]
 
 
 def exact_two_characters(model, prompt, temperature):
     """The full model's exact distribution of the next two characters, (V, V)."""
     V = model.config.vocab_size
-    first = ee.token_probs(model(prompt)[0][model.config.n_layer][:, -1], temperature)[0]
+    first = decode.token_probs(model(prompt)[0][model.config.n_layer][:, -1], temperature)[0]
     both = prompt.repeat(V, 1)
-    second = ee.token_probs(model(torch.cat([both, torch.arange(V).view(V, 1)], 1))[0][model.config.n_layer][:, -1],
+    second = decode.token_probs(model(torch.cat([both, torch.arange(V).view(V, 1)], 1))[0][model.config.n_layer][:, -1],
                             temperature)
     return first.unsqueeze(1) * second
 
@@ -120,7 +120,7 @@ def test_sampling_draws_the_full_models_distribution():
     torch.manual_seed(0)
     model = model64(vocab_size=5, n_layer=3, exits=[1])
     prompt = torch.tensor([[1, 3, 0]])
-    ids, stats = speculative.generate(model, prompt.repeat(6000, 1), 2, 1, 2, 1.0,
+    ids, stats = decode.speculative(model, prompt.repeat(6000, 1), 2, 1, 2, 1.0,
                                       generator=torch.Generator().manual_seed(1))
     counts = torch.zeros(5, 5, dtype=torch.float64)
     for a, b in ids[:, 3:].tolist():
@@ -128,7 +128,7 @@ def test_sampling_draws_the_full_models_distribution():
     exact = exact_two_characters(model, prompt, 1.0)
     assert 0.2 < stats.acceptance < 0.9
     assert chi_square_p(counts.flatten(), exact.flatten()) > 1e-3
-    draft_model = ee.token_probs(model(prompt)[0][1][:, -1], 1.0)[0]  # the draft's first character
+    draft_model = decode.token_probs(model(prompt)[0][1][:, -1], 1.0)[0]  # the draft's first character
     assert chi_square_p(counts.sum(1), draft_model) < 1e-6
 
 
@@ -141,12 +141,12 @@ def test_chi_square_p_value_on_a_known_case():
 
 def test_refuses_a_layer_without_an_exit_head():
     with pytest.raises(ee.EEminiError, match="no exit head to draft with"):
-        speculative.generate(model64(), torch.zeros(1, 2, dtype=torch.long), 5, 3, 2)
+        decode.speculative(model64(), torch.zeros(1, 2, dtype=torch.long), 5, 3, 2)
 
 
 def test_every_draft_length_and_exit_gives_the_same_greedy_text():
     model = model64()
     prompt = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(9))
-    outs = {speculative.generate(model, prompt, 25, e, k, temperature=0)[0] for e, k in itertools.product((1, 2), (0, 2, 5))}
+    outs = {decode.speculative(model, prompt, 25, e, k, temperature=0)[0] for e, k in itertools.product((1, 2), (0, 2, 5))}
     assert len({tuple(o.flatten().tolist()) for o in outs}) == 1
-    assert math.isfinite(speculative.Stats(1).per_cycle)
+    assert math.isfinite(decode.Stats(1).per_cycle)

@@ -1,4 +1,12 @@
 """
+Decoding, the engine beside the model (as nanochat's engine.py): the per-layer KV cache, the context
+window of each position, sampling, generation with true early exit, and self-speculative decoding.
+
+Generation with true early exit: each new character runs up to an exit; if its confidence clears
+the threshold it is emitted from there and skips the deep layers, whose K/V for it are written later
+from its frozen state (lazily, for a whole run of easy characters at once, when the next deep
+character needs them).
+
 Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv:2404.16710): the exit after layer e
 drafts a few characters on its own; the full model then checks all of them in one pass that reuses
 the draft's work. The output is exactly the full model's: greedy decoding gives the same characters,
@@ -15,13 +23,142 @@ cache then keeps one length per row):
           q_i(d_i)); greedy: d_i = argmax p_i), then one character from the full model: at the first
           refusal i from norm(max(0, p_i - q_i)), after K acceptances from p_K+1
   cut     every layer's cache back to the characters kept
+
+[5] Elhoushi et al. 2024, LayerSkip. arXiv:2404.16710
 """
 
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
-from eemini import EEminiError, new_cache, token_probs, window
+from eemini import EEminiError, positions
+
+
+# ----------------------------------------------------------------------------------------------
+# the KV cache: per layer, appendable and truncatable to a length (one for every row, or one a row)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated to the context; appendable and truncatable.
+
+    truncate() is what self-speculative decoding [5] needs: the exit layer drafts, the full model
+    verifies, and the rejected drafts' entries are cut back, in each row to its own length when
+    rows accept different numbers of characters (length is then a (B,) tensor). `pending` holds the
+    frozen states of exited tokens whose K/V this layer has not written yet: computing it lazily,
+    for a run of easy tokens at once when the next deep token arrives, gives the same numbers with
+    far fewer steps.
+    """
+
+    def __init__(self):
+        self.k = self.v = self.pending = None
+        self.length = 0  # tokens whose K/V is written (pending ones come after them): an int, or (B,)
+
+    def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, block_size, D)
+            self.v = v.new_empty(B, H, block_size, D)
+        if isinstance(self.length, int):
+            end = self.length + k.size(2)
+            self.k[:, :, self.length:end] = k
+            self.v[:, :, self.length:end] = v
+            self.length = end
+            return self.k[:, :, :end], self.v[:, :, :end]
+        at = positions(self.length, k.size(2), k.device)[:, None, :, None].expand_as(k)  # each row at its own end
+        self.k.scatter_(2, at, k)
+        self.v.scatter_(2, at, v)
+        self.length = self.length + k.size(2)
+        end = int(self.length.max())  # a row's keys past its own length are masked by position
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def defer(self, x):  # x: (B, T, C) frozen states of tokens that skip this layer
+        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=1)
+
+    def truncate(self, length):
+        """Keep the first `length` tokens: an int for every row, or (B,) lengths, one a row."""
+        if isinstance(length, int) and isinstance(self.length, int):
+            if self.pending is not None:
+                keep = length - self.length
+                self.pending = self.pending[:, :keep] if keep > 0 else None
+            self.length = min(self.length, length)
+            return
+        assert self.pending is None, "pending K/V is kept for one length in every row only"
+        new = torch.minimum(torch.as_tensor(self.length), torch.as_tensor(length))
+        self.length = int(new[0]) if (new == new[0]).all() else new  # back to one length when rows agree
+
+    def set_rows(self, rows, other, batch):
+        """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows with
+        one length, holds: a row's context refilled while the other rows go on."""
+        assert self.pending is None and other.pending is None and isinstance(other.length, int)
+        if other.k is not None:
+            if self.k is None:
+                self.k = other.k.new_empty(batch, *other.k.shape[1:])
+                self.v = other.v.new_empty(batch, *other.v.shape[1:])
+            self.k[rows, :, : other.length] = other.k[:, :, : other.length]
+            self.v[rows, :, : other.length] = other.v[:, :, : other.length]
+        length = torch.full((batch,), self.length, device=rows.device) if isinstance(self.length, int) else self.length.clone()
+        length[rows] = other.length
+        self.length = int(length[0]) if (length == length[0]).all() else length
+
+
+def new_cache(n_layer):
+    return [KVCache() for _ in range(n_layer)]
+
+
+# ----------------------------------------------------------------------------------------------
+# windows, sampling and generation with true early exit
+
+
+def window(t, block_size):
+    """Where the context of the character at position t begins: 0 while the text fits the model's
+    context, then moving on by half a context at a time (a cache refilled with the last half)."""
+    half = max(1, block_size // 2)
+    return 0 if t <= block_size else -(-(t - block_size) // half) * half
+
+
+def token_probs(logits, temperature=1.0, top_k=None):
+    """(B, V) next-character distribution of (B, V) logits: softmax of logits / temperature, kept to
+    the top_k most likely when top_k is set; at temperature 0 all mass on the argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """(B, 1) next ids from (B, V) logits: argmax at temperature 0, else a draw from token_probs."""
+    if temperature == 0:
+        return logits.float().argmax(-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=None,
+             confidence="softmax", generator=None, whole_batch=False):
+    """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
+    0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
+    (B, new). The context of each character is window(position): the cache is rebuilt from
+    the window's text when it moves on."""
+    cache, start, depths = None, None, []
+    for _ in range(max_new_tokens):
+        s = window(idx.size(1), model.config.block_size)
+        if s != start:  # (re)fill the cache from the window's text
+            cache, start, step_in = new_cache(model.config.n_layer), s, idx[:, s:]
+        logits, depth, _ = model.forward_exit(step_in, threshold, confidence, cache, whole_batch)
+        nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+        depths.append(depth[:, -1])
+        idx = torch.cat([idx, nxt], dim=1)
+        step_in = nxt
+    return idx, torch.stack(depths, 1) if depths else idx.new_zeros(idx.size(0), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# self-speculative decoding (LayerSkip [5])
 
 
 @dataclass
@@ -44,7 +181,7 @@ class Stats:
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
+def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
     """max_new_tokens characters after idx (B, T), each distributed exactly as model.generate at full
     depth would draw it, from drafts of up to k characters by the exit after layer draft_exit.
     Returns the ids (B, T + max_new_tokens) and a Stats."""
