@@ -57,8 +57,8 @@ class KVCache:
     def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
         if self.k is None:
             B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, block_size, D)
-            self.v = v.new_empty(B, H, block_size, D)
+            self.k = k.new_zeros(B, H, block_size, D)  # zeros, not empty: a masked key still enters
+            self.v = v.new_zeros(B, H, block_size, D)  # q @ k, and a NaN left in memory would poison it
         if isinstance(self.length, int):
             end = self.length + k.size(2)
             self.k[:, :, self.length:end] = k
@@ -93,8 +93,8 @@ class KVCache:
         assert self.pending is None and other.pending is None and isinstance(other.length, int)
         if other.k is not None:
             if self.k is None:
-                self.k = other.k.new_empty(batch, *other.k.shape[1:])
-                self.v = other.v.new_empty(batch, *other.v.shape[1:])
+                self.k = other.k.new_zeros(batch, *other.k.shape[1:])
+                self.v = other.v.new_zeros(batch, *other.v.shape[1:])
             self.k[rows, :, : other.length] = other.k[:, :, : other.length]
             self.v[rows, :, : other.length] = other.v[:, :, : other.length]
         length = torch.full((batch,), self.length, device=rows.device) if isinstance(self.length, int) else self.length.clone()

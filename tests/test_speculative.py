@@ -150,3 +150,20 @@ def test_every_draft_length_and_exit_gives_the_same_greedy_text():
     outs = {decode.speculative(model, prompt, 25, e, k, temperature=0)[0] for e, k in itertools.product((1, 2), (0, 2, 5))}
     assert len({tuple(o.flatten().tolist()) for o in outs}) == 1
     assert math.isfinite(decode.Stats(1).per_cycle)
+
+
+def test_cache_storage_past_a_rows_length_holds_no_garbage():
+    """Rows at different lengths read keys past their own end, masked out by position; masking does
+    not undo a NaN in q @ k, so the storage past every row's end must hold finite numbers (a cache
+    made with torch.empty failed the greedy test above only after other tests had used the memory)."""
+    cache = decode.KVCache()
+    k = torch.randn(2, 1, 3, 4)
+    cache.append(k, k, block_size=8)
+    cache.truncate(torch.tensor([1, 3]))
+    assert torch.isfinite(cache.k).all() and torch.isfinite(cache.v).all()
+    assert torch.equal(cache.k[:, :, 3:], torch.zeros(2, 1, 5, 4))
+    other = decode.KVCache()
+    other.append(k[:1], k[:1], block_size=8)
+    fresh = decode.KVCache()
+    fresh.set_rows(torch.tensor([1]), other, batch=2)
+    assert torch.equal(fresh.k[0], torch.zeros(1, 8, 4)) and torch.equal(fresh.k[1, :, :3], k[0])
