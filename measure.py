@@ -187,6 +187,15 @@ def saving_within(rows, full, budget):
     return max(ok, default=0.0)
 
 
+FINE = [i / 200 for i in range(201)]  # the grid a measure's share of the oracle is read from
+
+
+def fine_sweep(stats, cfg, confidence):
+    """Rows at every threshold of FINE: a measure's share of the oracle should not depend on which
+    thresholds a table happens to print."""
+    return [routed_metrics(stats, t, cfg, confidence) for t in FINE]
+
+
 def oracle_fraction(rows, full, budget, oracle):
     """(router's saving, oracle's saving, the router's share of it) within +budget% PPL."""
     mine, best = saving_within(rows, full, budget), 100 - oracle.least_compute(full * (1 + budget / 100))

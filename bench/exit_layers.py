@@ -22,8 +22,6 @@ import measure  # noqa: E402
 from data import eval_ids  # noqa: E402
 from report import md  # noqa: E402
 
-THRESHOLDS = [i / 40 for i in range(41)]
-
 
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
@@ -53,7 +51,7 @@ def main(args):
     for exits in [*([k] for k in cfg.trained_exits), *(list(p) for p in itertools.combinations(cfg.trained_exits, 2))]:
         sub = dataclasses.replace(cfg, exits=exits)
         oracle = measure.Oracle(stats, sub)
-        swept = measure.masked_sweep(stats, sub, THRESHOLDS, [args.confidence], oracle)
+        swept = measure.fine_sweep(stats, sub, args.confidence)
         cells = [f"{x:.1f}%" if i % 3 < 2 else f"{100 * x:.0f}%" for b in (1.0, 2.0)
                  for i, x in enumerate(measure.oracle_fraction(swept, full, b, oracle))]
         rows.append((measure.saving_within(swept, full, 1.0), [",".join(map(str, exits)), *cells]))
