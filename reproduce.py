@@ -221,7 +221,7 @@ def run_all(args):
         name, script, k, argv, side, _ = job
         start = time.time()
         metrics = run_one(script, argv, out / f"{name}-seed{k}", args)
-        done = {"argv": argv, "seconds": time.time() - start, "metrics": metrics}
+        done = {"argv": argv, "seconds": time.time() - start, "finished": time.time(), "metrics": metrics}
         ck.write_text(side, json.dumps(done))
         return done
 
@@ -241,7 +241,8 @@ def run_all(args):
     records = {}
     for job in jobs:
         done = job[-1] or finished[id(job)]
-        records.setdefault(job[0], []).append({**done["metrics"], "seconds": done["seconds"]})
+        end = done.get("finished", job[4].stat().st_mtime)  # older side files: when they were written
+        records.setdefault(job[0], []).append({**done["metrics"], "seconds": done["seconds"], "finished": end})
     return records
 
 
@@ -290,10 +291,13 @@ def rule_saves(q, size):  # size: the % of compute the seed says was saved
 
 
 def rule_picked(q, _):
-    """q: [full depth on test, each threshold on valid ..., the same thresholds on test ...]."""
+    """q: [full depth on test, each threshold on valid ..., the same thresholds on test ...]. The
+    extra text is the one comparison made: the threshold best on valid, on test, against full depth."""
     n = (len(q) - 1) // 2
     best = min(range(n), key=lambda i: q[1 + i][0])
-    return below(q[1 + n + best], q[0]), f"threshold #{best + 1} is best on valid"
+    a, b = q[1 + n + best], q[0]
+    return below(a, b), f"#{best + 1} of the thresholds is best on valid; on test {a[0]:.3f} ± {a[1]:.3f} against " \
+        f"full depth {b[0]:.3f} ± {b[1]:.3f}"
 
 
 RULES = {
@@ -325,7 +329,7 @@ def findings(A):
             continue
         verdict, extra = RULES[rule](q, size)
         numbers = ", ".join(f"{n.replace(':', ' ')} {x[0]:.2f} ± {x[1]:.2f}" for n, x in zip(names, q))
-        rows.append([seed, claim, verdict, numbers + (f" ({extra})" if extra else "")])
+        rows.append([seed, claim, verdict, extra if rule == "picked" else numbers + (f" ({extra})" if extra else "")])
     return rows
 
 
@@ -456,9 +460,12 @@ def plots(A, res_dir):
 
 def report(records, args):
     """RESULTS.md text and results.csv text."""
+    runs = [r for recs in records.values() for r in recs]
+    total = sum(r["seconds"] for r in runs)
+    span = max(r["finished"] for r in runs) - min(r["finished"] - r["seconds"] for r in runs)
+    records = {name: [{k: v for k, v in r.items() if k != "finished"} for r in recs] for name, recs in records.items()}
     agg = {name: aggregate(recs) for name, recs in records.items()}
     A = lambda name, key: agg.get(ALIASES.get(name, name), {}).get(key)  # noqa: E731
-    total = sum(r["seconds"] for recs in records.values() for r in recs)
     cmd = (f"python reproduce.py --data {args.data or '(download)'} --seeds {args.seeds} --max-iters {args.max_iters} "
            f"--val-chars {args.val_chars} --jobs {args.jobs}" + (f" --train-args '{shlex.join(args.train_args)}'" if args.train_args else "")
            + (f" --ec-args '{shlex.join(args.ec_args)}'" if args.ec_args else ""))
@@ -470,8 +477,8 @@ def report(records, args):
         for name, script, what, _ in RUNS if script == "train.py" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
-             f"{cli.fmt_time(args.wall)} from start to end, {args.jobs} run(s) at a time ({cli.fmt_time(total)} of "
-             f"runs in all, counting each one alone).", "",
+             f"The runs took {cli.fmt_time(span)} from the first start to the last end, {args.jobs} at a time "
+             f"({cli.fmt_time(total)} counting each one alone).", "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "
              f"validation PPL on the first {args.val_chars:,} characters of the valid split. Where a table has no "
@@ -514,7 +521,6 @@ def main(args):
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
     records = run_all(args)
-    args.wall = time.time() - t0
     text, table = report(records, args)
     ck.write_text(args.results, text)
     ck.write_text(Path(args.results).with_name("results.csv"), table)

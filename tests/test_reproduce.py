@@ -55,7 +55,8 @@ def test_verdict_rules_on_hand_made_cases():
     assert reproduce.RULES["bumpy"]([lo, hi, lo], None)[0] == "supported"
     assert reproduce.RULES["bumpy"]([lo, hi, (3.0, 0.1, 3)], None)[0] == "not supported"
     # picked: the second threshold is best on valid; on test it is lo, below full depth's hi
-    assert reproduce.RULES["picked"]([hi, hi, lo, (3.0, 0.1, 3), lo], None) == ("supported", "threshold #2 is best on valid")
+    verdict, extra = reproduce.RULES["picked"]([hi, hi, lo, (3.0, 0.1, 3), lo], None)
+    assert verdict == "supported" and extra.startswith("#2 of the thresholds is best on valid; on test 1.000")
     assert reproduce.RULES["picked"]([lo, hi, lo, (3.0, 0.1, 3), hi], None)[0] == "not supported"
     assert reproduce.RULES["not_above"]([hi, lo], None)[0] == "not supported"
     assert {rule for _, _, rule, _, _ in CLAIMS} <= set(reproduce.RULES)
