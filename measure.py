@@ -60,8 +60,10 @@ def layer_ppl(stats):
 
 
 def routed_depth(stats, threshold, cfg, confidence="softmax"):
-    """The layer each token leaves at under masked routing at this threshold."""
-    return exit_depth(stats["conf"][confidence], threshold, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
+    """The layer each token leaves at under masked routing at this threshold, through cfg's exits
+    (which may be a subset of those the statistics hold)."""
+    conf = {k: c for k, c in stats["conf"][confidence].items() if k in cfg.exits}
+    return exit_depth(conf, threshold, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
 
 
 def routed_metrics(stats, threshold, cfg, confidence="softmax"):

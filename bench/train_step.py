@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=cli.number(int, 1), default=4, help="heads")
     p.add_argument("--block-size", type=cli.number(int, 1), default=128, help="context")
     p.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="sequences per step")
-    p.add_argument("--vocab-size", type=cli.number(int, 2), default=170, help="vocabulary (WikiText-2 train head: 170)")
+    p.add_argument("--vocab-size", type=cli.number(int, 2), default=260, help="vocabulary (the quick start's: 260)")
     p.add_argument("--steps", type=cli.number(int, 1), default=20, help="timed steps per round")
     p.add_argument("--rounds", type=cli.number(int, 1), default=15, help="rounds, alternating the two models")
     cli.add_device(p)

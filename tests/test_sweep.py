@@ -292,3 +292,16 @@ def test_a_stride_scores_each_character_once_with_context(ckpts):
     assert torch.allclose(stats["ce"][3], torch.cat(want), atol=1e-5)
     row = measure.exit_metrics(model, ids, 1.0, 4, stride=8)
     assert row["ppl"] == pytest.approx(measure.ppl(stats["ce"][3]), rel=1e-5)
+
+
+def test_a_subset_of_the_exits_routes_through_those_exits_only():
+    """bench/exit_layers.py reads every single exit and pair from one pass over a model with a head
+    on every layer: routing through exit 2 alone must never send a character out at exit 1."""
+    model = make_model(n_layer=4, exits=[1, 2, 3])
+    x = torch.randint(0, 23, (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = measure.token_stats(model, x.flatten(), 64)
+    sub = ee.GPTConfig(**{**vars(model.config), "exits": [2]})
+    depth = measure.routed_depth(stats, 0.0, sub)
+    assert torch.equal(depth, torch.full_like(depth, 2))  # threshold 0: everyone leaves at the first exit it has
+    row = measure.routed_metrics(stats, 0.0, sub)
+    assert row["ppl"] == pytest.approx(measure.ppl(stats["ce"][2])) and row["compute"] == pytest.approx(50.0)
