@@ -124,13 +124,22 @@ def excerpt(expected, actual):
 
 def run_command(command, cwd):
     """Run one README command (python SCRIPT ARGS) in cwd: relative paths that exist beside this
-    file, and not in cwd, are taken from here. Returns its output lines."""
+    file, and not in cwd, are taken from here (a file named plainly, such as ckpt.pt, is linked into
+    cwd, so that the output names it as the README does). Returns its output lines."""
     argv = shlex.split(command)
     if argv[0] != "python":
         raise EEminiError(f"a quoted command must start with python: {command}")
-    argv = [sys.executable, str(ROOT / argv[1]),
-            *(str(ROOT / a) if not Path(a).is_absolute() and (ROOT / a).exists() and not (cwd / a).exists() else a
-              for a in argv[2:])]
+    args = []
+    for a in argv[2:]:
+        here = ROOT / a
+        if Path(a).is_absolute() or (cwd / a).exists() or not here.exists():
+            args.append(a)
+        elif here.is_file() and "/" not in a:
+            (cwd / a).symlink_to(here)
+            args.append(a)
+        else:
+            args.append(str(here))
+    argv = [sys.executable, str(ROOT / argv[1]), *args]
     r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     if r.returncode:
         raise EEminiError(f"`{command}` failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
