@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from data import Vocab
+from data import Vocab, eval_ids
 from eemini import GPT, LOSSES, EEminiError, GPTConfig, layer_weights
 
 FORMAT = "eemini-2"  # eemini-1 (before the loss weights moved into the config) still loads
@@ -168,3 +168,12 @@ def model_from_checkpoint(ckpt, device="cpu"):
         raise EEminiError(f"{path}: a vocabulary of {len(ckpt['vocab'])} characters for an embedding of "
                           f"{model.config.vocab_size}; the checkpoint is damaged")
     return model.to(device).eval(), Vocab(ckpt["vocab"])
+
+
+def eval_text(args, ckpt, vocab):
+    """The text a script evaluates a checkpoint on: --data and --val-chars where given, else what the
+    checkpoint was trained with; --split. Returns (ids, source) as data.eval_ids does."""
+    trained = ckpt.get("args") or {}
+    data = args.data if args.data is not None else trained.get("data", "")
+    chars = args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000)
+    return eval_ids(data, args.split, chars, vocab)

@@ -317,7 +317,7 @@ def main(args):
     print(describe(ckpt, args.checkpoint) + f" | device {device}")
     trained = ckpt.get("args") or {}
     data = args.data if args.data is not None else trained.get("data", "")
-    ids, source = eval_ids(data, args.split, args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    ids, source = ck.eval_text(args, ckpt, vocab)
     stats, rows, oracle = run_sweep(model, ids, args, device, routers)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     exits = " | ".join(f"exit only ({k}L) PPL {measure.ppl(stats['ce'][k]):.3f}" for k in cfg.exits)

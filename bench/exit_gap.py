@@ -21,7 +21,7 @@ import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 import measure  # noqa: E402
-from data import eval_ids, eval_windows  # noqa: E402
+from data import eval_windows  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,8 +80,7 @@ def main(args):
         cfg, trained = model.config, ckpt.get("args") or {}
         if not cfg.trained_exits:
             raise ee.EEminiError(f"{path} has no trained exit")
-        ids, _ = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
-                          args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+        ids, _ = ck.eval_text(args, ckpt, vocab)
         stats = measure.token_stats(model, ids, 64, device)
         cells = []
         for t in args.thresholds:

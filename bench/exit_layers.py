@@ -19,7 +19,6 @@ import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 import measure  # noqa: E402
-from data import eval_ids  # noqa: E402
 from report import md  # noqa: E402
 
 
@@ -37,12 +36,11 @@ def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
-    cfg, trained = model.config, ckpt.get("args") or {}
+    cfg = model.config
     if len(cfg.trained_exits) < 2:
         raise ee.EEminiError(f"{args.checkpoint} has {len(cfg.trained_exits)} trained exit(s); train one with a head "
                              f"after every layer (e.g. --exit-layers 1,2,3,4,5 --layer-weights ...)")
-    ids, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
-                           args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    ids, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, ids, args.eval_batch_size, device)
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"{args.checkpoint}: {cfg.n_layer} layers, n_embd {cfg.n_embd}, exits {cfg.exits} | full depth PPL "

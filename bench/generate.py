@@ -22,7 +22,6 @@ import decode  # noqa: E402
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
 import measure  # noqa: E402
-from data import eval_ids  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,9 +71,7 @@ def main(args):
     cfg = model.config
     if not cfg.trained_exits:
         raise ee.EEminiError(f"{args.checkpoint} has no trained exit to benchmark")
-    trained = ckpt.get("args") or {}
-    val, source = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
-                           args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    val, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, val, 64, device)
     tau = args.threshold if args.threshold is not None else round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)
     full = measure.ppl(stats["ce"][cfg.n_layer])

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import measure  # noqa: E402
-from data import eval_ids  # noqa: E402
 
 THRESHOLDS = [i / 10 for i in range(11)]
 
@@ -36,9 +35,7 @@ def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
-    trained = ckpt.get("args") or {}
-    ids, _ = eval_ids(args.data if args.data is not None else trained.get("data", ""), args.split,
-                      args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000), vocab)
+    ids, _ = ck.eval_text(args, ckpt, vocab)
 
     def one_eval():
         return measure.token_stats(model, ids, args.eval_batch_size, device)
