@@ -70,10 +70,10 @@ def attention_probe(model, ids, threshold, batch_size=64):
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
-    print(f"{cli.machine(device)}\n")
+    print(cli.machine(device))
     header = ["checkpoint", "layout", "full depth", *(f"@{t:g} masked / true exit (gap)" for t in args.thresholds),
               "attention on exited", "on the previous character", "mean distance"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    rows = []  # printed together at the end, after each checkpoint's data line
     for path in args.checkpoints:
         ckpt = ck.load_checkpoint(path, device)
         model, vocab = ck.model_from_checkpoint(ckpt, device)
@@ -88,9 +88,10 @@ def main(args):
             true = measure.exit_metrics(model, ids, t, 64, device)["ppl"]
             cells.append(f"{masked:.3f} / {true:.3f} ({100 * (true / masked - 1):+.2f}%)")
         on_exited, on_previous, distance = attention_probe(model, ids.to(device), args.probe_threshold)
-        layout = f"{cfg.pos}, {cfg.norm}, {cfg.mlp}, {trained.get('optimizer', 'adamw')}"
-        print(f"| {Path(path).name} | {layout} | {measure.ppl(stats['ce'][cfg.n_layer]):.3f} | {' | '.join(cells)} | "
-              f"{100 * on_exited:.1f}% | {100 * on_previous:.1f}% | {distance:.1f} |")
+        layout = f"{cfg.pos}, {cfg.norm}, {cfg.mlp}, {trained.get('optimizer', 'adamw')}, exit dropout {cfg.exit_dropout:g}"
+        rows.append(f"| {Path(path).name} | {layout} | {measure.ppl(stats['ce'][cfg.n_layer]):.3f} | {' | '.join(cells)} | "
+                    f"{100 * on_exited:.1f}% | {100 * on_previous:.1f}% | {distance:.1f} |")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "\n".join(rows))
     print(f"\nattention: deep characters' queries in the layers above the exit, true early exit at "
           f"{args.probe_threshold:g}, heads averaged")
 
