@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from data import eval_windows
-from eemini import conf_entropy, conf_margin, conf_saturation, conf_softmax
+from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax
 
 LABELS = ("consistency", "loss")
 
@@ -99,3 +99,12 @@ def from_checkpoint(ckpt, device="cpu"):
             router.load_state_dict(state)
             out[f"router-{label}"][int(k)] = router.to(device).eval().requires_grad_(False)
     return out
+
+
+def resolve(name, routers):
+    """A --confidence name as forward_exit takes it: a built-in measure's name, or the checkpoint's
+    learned router {exit: Router} of that name."""
+    if name in CONFIDENCE or name in routers:
+        return routers.get(name, name)
+    raise EEminiError(f"no confidence measure {name!r} here; choose from {', '.join([*CONFIDENCE, *routers])}"
+                      + ("" if routers else " (this checkpoint has no learned routers)"))

@@ -18,6 +18,7 @@ import checkpoint as ck
 import cli
 import eemini as ee
 import decode
+import routers as learned
 
 SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones plain
 
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--speculative", type=cli.number(int, 0), default=0, help="self-speculative decoding with drafts "
                    "of up to this many characters (0 = off): the full model's text, not early exit's")
     p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first)")
-    p.add_argument("--confidence", default="softmax", choices=sorted(ee.CONFIDENCE), help="confidence measure")
+    p.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
+                   "learned router the checkpoint holds (router-loss, router-consistency)")
     p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=cli.number(int, 0), default=0, help="sample from the k most likely characters (0 = all)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
@@ -70,6 +72,7 @@ def main(args):
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg = model.config
     threshold = thresholds(args, cfg)
+    confidence = learned.resolve(args.confidence, learned.from_checkpoint(ckpt, device))
     if cfg.trained_exits != cfg.exits and (min(args.threshold) < 1.0 or args.speculative):
         why = "has no exit point" if not cfg.exits else f"was trained with loss weights {cfg.loss_weights}: its exit head was never trained"
         raise ee.EEminiError(f"{args.checkpoint} {why}; generate at full depth with --threshold 1.0")
@@ -83,7 +86,7 @@ def main(args):
             depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
         else:
             ids, depths = decode.generate(model, prompt, args.max_new_tokens, threshold, args.temperature,
-                                         args.top_k or None, args.confidence, gen)
+                                         args.top_k or None, confidence, gen)
     cli.synchronize(device)
     dt = time.perf_counter() - t0
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

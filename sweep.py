@@ -114,12 +114,9 @@ def check_exit_trained(cfg, path):
 
 def measures(args, routers):
     """The --confidence names, checked: built-in measures and the checkpoint's learned routers."""
-    known = [*ee.CONFIDENCE, *routers]
-    names = known if "all" in args.confidence else args.confidence
+    names = [*ee.CONFIDENCE, *routers] if "all" in args.confidence else args.confidence
     for m in names:
-        if m not in known:
-            raise ee.EEminiError(f"no confidence measure {m!r} here; choose from {', '.join(known)}"
-                                 + ("" if routers else " (this checkpoint has no learned routers)"))
+        learned.resolve(m, routers)
     return names
 
 

@@ -305,3 +305,28 @@ def test_a_subset_of_the_exits_routes_through_those_exits_only():
     assert torch.equal(depth, torch.full_like(depth, 2))  # threshold 0: everyone leaves at the first exit it has
     row = measure.routed_metrics(stats, 0.0, sub)
     assert row["ppl"] == pytest.approx(measure.ppl(stats["ce"][2])) and row["compute"] == pytest.approx(50.0)
+
+
+def test_sample_generates_with_a_learned_router(routed, capsys):
+    """sample.py --confidence router-loss: the text and depths decode.generate gives with that router."""
+    import decode
+    import routers as learned
+    import sample
+
+    ckpt = ck.load_checkpoint(routed)
+    model, vocab = ck.model_from_checkpoint(ckpt)
+    router = learned.from_checkpoint(ckpt)["router-loss"]
+    prompt = vocab.encode("the ").unsqueeze(0)
+    for threshold in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99):  # one where the router sends some characters out, not all
+        ids, depths = decode.generate(model, prompt, 30, threshold, temperature=0, confidence=router)
+        if 0 < (depths == 1).sum() < 30:
+            break
+    assert 0 < (depths == 1).sum() < 30
+    capsys.readouterr()
+    sample.main(sample.parse_args([str(routed), "--prompt", "the ", "--max-new-tokens", "30", "--threshold", str(threshold),
+                                   "--temperature", "0", "--confidence", "router-loss", "--color", "never"]))
+    printed = capsys.readouterr().out
+    assert printed.split("\n")[0] == "the " + vocab.decode(ids[0, 4:].tolist())
+    assert f"exited at layer 1: {100 * (depths == 1).float().mean().item():.1f}%" in printed
+    msg = cli_error(sample.main, sample.parse_args, [str(routed), "--confidence", "router-x", "--max-new-tokens", "5"])
+    assert "no confidence measure 'router-x'" in msg and "router-loss" in msg
