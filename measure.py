@@ -25,28 +25,39 @@ from eemini import CONFIDENCE, compute_percent, exit_depth, flops_percent, pick_
 @torch.no_grad()
 def token_stats(model, data, batch_size=64, device="cpu", routers=None, stride=0):
     """One masked forward over data: per token, CE and top character at every head, and each confidence
-    measure (and each learned router, {name: {exit: router}}) at each exit point. {'ce': {layer: (N,)},
-    'top': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'target': (N,), 'window': T}: the scored
+    measure (and each learned router, {name: {exit: router}}) and KL(last layer || exit) at each exit
+    point. {'ce': {layer: (N,)}, 'top': {layer: (N,)}, 'conf': {measure: {exit: (N,)}}, 'kl': {exit:
+    (N,)}, 'target': (N,), 'window': T}: the scored
     tokens in text order, N a whole number of windows of T (the model's block_size; with a stride,
     the stride: each window's scored part, see data.eval_windows)."""
     model.eval()
     cfg = model.config
     measures = {**CONFIDENCE, **(routers or {})}
-    ce, top, conf, target = {}, {}, {m: {} for m in measures}, []
+    ce, top, conf, kl, target = {}, {}, {m: {} for m in measures}, {}, []
     for x, y in eval_windows(data, cfg.block_size, batch_size, stride):
         x, y = x.to(device), y.to(device)
         states, keep = model.states(x), (y != -100).flatten()
         target.append(y.flatten()[keep].cpu())
+        last = model.head(cfg.n_layer, states[cfg.n_layer]).float()
         for k in [*cfg.head_layers, cfg.n_layer]:
-            lg = model.head(k, states[k]).float()
+            lg = model.head(k, states[k]).float() if k < cfg.n_layer else last
             ce.setdefault(k, []).append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none")[keep].cpu())
             top.setdefault(k, []).append(lg.argmax(-1).flatten()[keep].cpu())
+            if k in cfg.exits:
+                kl.setdefault(k, []).append(kl_divergence(last, lg).flatten()[keep].cpu())
             for m in measures if k in cfg.exits else ():
                 fn = CONFIDENCE[m] if m in CONFIDENCE else routers[m][k]
                 conf[m].setdefault(k, []).append(fn(lg, states[k], states[k - 1]).flatten()[keep].cpu())
     cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-    return {"ce": cat(ce), "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()},
+    return {"ce": cat(ce), "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()}, "kl": cat(kl),
             "target": torch.cat(target), "window": stride or cfg.block_size}
+
+
+def kl_divergence(last, exit_logits):
+    """KL(p_last || p_exit) per position, from the two heads' logits (..., V): the CE that leaving at
+    the exit costs on average over the next character, drawn as the last layer expects it."""
+    log_last, log_exit = F.log_softmax(last.float(), -1), F.log_softmax(exit_logits.float(), -1)
+    return (log_last.exp() * (log_last - log_exit)).sum(-1)
 
 
 def ppl(ce):
@@ -196,6 +207,15 @@ def fine_sweep(stats, cfg, confidence):
     """Rows at every threshold of FINE: a measure's share of the oracle should not depend on which
     thresholds a table happens to print."""
     return [routed_metrics(stats, t, cfg, confidence) for t in FINE]
+
+
+def ceiling_sweep(stats, cfg):
+    """fine_sweep's rows for a router that knows the last layer's distribution (not the answer): each
+    character leaves where KL(last || exit), its expected cost, is small (confidence 1 / (1 + KL)).
+    Not deployable (it runs every layer), it is how far a router reading the exit alone could hope
+    to go: the oracle's saving comes from hindsight of the one character that came."""
+    known = {**stats, "conf": {"ceiling": {k: 1 / (1 + kl) for k, kl in stats["kl"].items()}}}
+    return fine_sweep(known, cfg, "ceiling")
 
 
 def oracle_fraction(rows, full, budget, oracle):

@@ -3,9 +3,12 @@ Learned routers: CALM's early-exit classifier (Schuster et al. 2022, arXiv:2207.
 reads the exit layer's state and the exit's cheap confidences (max softmax, top-2 margin, entropy,
 and how little the state moved in the last layer) and says how likely the character may leave.
 
-Two labels, trained side by side, each one router an exit:
+Three labels, trained side by side, each one router an exit:
   consistency  the exit's top character is the last layer's (CALM's label)
   loss         the exit's CE is within epsilon of the last layer's (the label that fits a PPL goal)
+  kl           how much CE leaving here is expected to cost: KL(last layer || exit), the loss label's
+               mean over the character that may come (as the last layer sees it) instead of the one
+               that came, so a far less noisy target; regressed, not classified
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
 """
@@ -18,27 +21,36 @@ from torch.nn import functional as F
 
 from data import eval_windows
 from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax
+from measure import kl_divergence
 
-LABELS = ("consistency", "loss")
+LABELS = ("consistency", "loss", "kl")
+FLOOR = 1e-3  # the kl router regresses log(KL + FLOOR): KLs below a thousandth of a nat all look alike
+HIDDEN = 128  # the routers' MLP width
 
 
 class Router(nn.Module):
-    """P(the character may leave here) from the exit's state and confidences: an MLP, then sigmoid."""
+    """P(the character may leave here) from the exit's state and confidences: an MLP, then sigmoid.
+    The kl router's score regresses -log(KL + FLOOR), so its confidence is 1 / (1 + KL + FLOOR):
+    a threshold t lets a character leave when its predicted cost is at most 1/t - 1 nats."""
 
-    def __init__(self, n_embd, hidden=64):
+    def __init__(self, n_embd, hidden=HIDDEN):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_embd + 4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, logits, h, h_prev):
+    def score(self, logits, h, h_prev):
         cheap = torch.stack([f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)], -1)
         x = torch.cat([F.rms_norm(h.float(), (h.size(-1),)), cheap], -1)
-        return torch.sigmoid(self.net(x).squeeze(-1))
+        return self.net(x).squeeze(-1)
+
+    def forward(self, logits, h, h_prev):
+        return torch.sigmoid(self.score(logits, h, h_prev))
 
 
 @torch.no_grad()
 def exit_examples(model, ids, batch_size=64, device="cpu"):
-    """One pass over ids: per exit, every character's (logits, state, previous state) there, and both
-    labels. {exit: (logits (N, V), h (N, C), h_prev (N, C), {label: (N,) 0/1})}."""
+    """One pass over ids: per exit, every character's (logits, state, previous state) there, and what
+    the labels are made of. {exit: (logits (N, V), h (N, C), h_prev (N, C), same (N,) bool: the exit's
+    top character is the last layer's, gain (N,): CE_exit - CE_last, kl (N,): KL(last || exit))}."""
     model.eval()
     cfg, out = model.config, {k: [] for k in model.config.exits}
     for x, y in eval_windows(ids, cfg.block_size, batch_size):
@@ -50,21 +62,27 @@ def exit_examples(model, ids, batch_size=64, device="cpu"):
             logits = model.head(k, states[k]).float()
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
             out[k].append((logits.flatten(0, 1), states[k].flatten(0, 1).float(), states[k - 1].flatten(0, 1).float(),
-                           logits.argmax(-1).flatten() == final.argmax(-1).flatten(), ce - ce_final))
+                           logits.argmax(-1).flatten() == final.argmax(-1).flatten(), ce - ce_final,
+                           kl_divergence(final, logits).flatten()))
     return {k: [torch.cat(t) for t in zip(*rows)] for k, rows in out.items()}
 
 
-def labels(same, gain, epsilon):
-    return {"consistency": same.float(), "loss": (gain <= epsilon).float()}
+def labels(same, gain, kl, epsilon):
+    """Each router's target: 0/1 for the two classifiers, -log(KL + FLOOR) for the kl regression."""
+    return {"consistency": same.float(), "loss": (gain <= epsilon).float(), "kl": -torch.log(kl + FLOOR)}
 
 
-def fit(router, logits, h, h_prev, target, epochs=8, batch=1024, lr=3e-3, seed=0):
-    """Binary cross-entropy of router(...) against target, Adam, a few epochs."""
+def fit(router, logits, h, h_prev, target, regress=False, epochs=8, batch=1024, lr=3e-3, seed=0):
+    """Binary cross-entropy of router(...) against a 0/1 target, or with regress the squared error of
+    its score against a real one; Adam, a few epochs."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for i in torch.randperm(len(target), generator=gen).split(batch):
-            loss = F.binary_cross_entropy(router(logits[i], h[i], h_prev[i]).clamp(1e-6, 1 - 1e-6), target[i])
+            if regress:
+                loss = F.mse_loss(router.score(logits[i], h[i], h_prev[i]), target[i])
+            else:
+                loss = F.binary_cross_entropy(router(logits[i], h[i], h_prev[i]).clamp(1e-6, 1 - 1e-6), target[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -74,10 +92,12 @@ def fit(router, logits, h, h_prev, target, epochs=8, batch=1024, lr=3e-3, seed=0
 def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
     """{label: {exit: Router}} learned from ids (held-out text) on the frozen model."""
     t0, out = time.time(), {label: {} for label in LABELS}
-    for k, (logits, h, h_prev, same, gain) in exit_examples(model, ids, device=device).items():
-        for label, target in labels(same, gain, epsilon).items():
+    for k, (logits, h, h_prev, same, gain, kl) in exit_examples(model, ids, device=device).items():
+        for label, target in labels(same, gain, kl, epsilon).items():
             torch.manual_seed(seed + k)
-            out[label][k] = fit(Router(model.config.n_embd).to(h.device), logits, h, h_prev, target, seed=seed)
+            regress = label == "kl"  # a real target: it takes longer to fit than a 0/1 one
+            out[label][k] = fit(Router(model.config.n_embd).to(h.device), logits, h, h_prev, target,
+                                regress=regress, epochs=30 if regress else 8, seed=seed)
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
     return out
@@ -85,7 +105,7 @@ def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
 
 def to_checkpoint(routers, epsilon):
     """The routers as plain tensors, for the checkpoint."""
-    return {"epsilon": epsilon, "hidden": 64,
+    return {"epsilon": epsilon, "hidden": HIDDEN,
             "state": {label: {str(k): r.state_dict() for k, r in by_exit.items()} for label, by_exit in routers.items()}}
 
 

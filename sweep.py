@@ -42,6 +42,7 @@ from report import ascii_plot, fmt_t, md, save_png
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
 MARKERS = "*+x#@%&"  # ASCII plot: one a curve; "." is the oracle frontier
 BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
+CEILING = "ceiling: KL to the last layer"  # not a measure: it needs every layer (measure.ceiling_sweep)
 
 
 def parse_args(argv=None):
@@ -159,6 +160,8 @@ def print_fractions(fractions):
     head = [f"{h} (+{b:g}%)" for b in BUDGETS for h in ("saved", "oracle saves", "share")]
     print("\n## Against the oracle: compute saved within +1% and +2% PPL (masked, thresholds every 0.005)\n\n" + "\n".join(md(["Measure", *head], [
         [m, *(f"{x:.1f}%" if i % 3 < 2 else f"{100 * x:.0f}%" for i, x in enumerate(v))] for m, v in fractions.items()])[:-1]))
+    print(f"\n{CEILING}: a character leaves where the exit's expected extra loss, KL(last layer || exit), is small;\n"
+          f"it runs every layer to know that: a reference, not a router, for what predicting that cost exactly would reach")
 
 
 def print_plot(series, oracle, title="PPL against Compute"):
@@ -331,6 +334,7 @@ def main(args):
         series.append((f"{m} ({'true exit' if args.mode == 'exit' else 'masked'})", [(r["compute"], r["ppl"]) for r in mine]))
         if args.mode == "both":
             series.append((f"{m} (true exit)", [(r["compute"], r["exit_ppl"]) for r in mine]))
+    fractions[CEILING] = [x for b in BUDGETS for x in measure.oracle_fraction(measure.ceiling_sweep(stats, cfg), full, b, oracle)]
     print_fractions(fractions)
     frontier = oracle.frontier()
     print_plot(series, frontier)

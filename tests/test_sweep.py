@@ -205,16 +205,17 @@ def routed(tmp_path_factory):
 
 
 def test_learned_routers_are_measures_like_the_others(routed, capsys):
-    assert set(ck.load_checkpoint(routed)["routers"]["state"]) == {"consistency", "loss"}
+    assert set(ck.load_checkpoint(routed)["routers"]["state"]) == {"consistency", "loss", "kl"}
     res = run_sweep(routed, "--confidence", "all", "--mode", "both", "--thresholds", "0,0.5,1")
     printed = capsys.readouterr().out
-    assert {r["confidence"] for r in res["rows"]} == {*ee.CONFIDENCE, "router-consistency", "router-loss"}
+    assert {r["confidence"] for r in res["rows"]} == {*ee.CONFIDENCE, "router-consistency", "router-loss", "router-kl"}
     for r in res["rows"]:
         if r["threshold"] in (0, 1):  # the endpoints do not depend on the measure
             assert r["shallow"] == (100.0 if r["threshold"] == 0 else 0.0)
             assert r["exit_ppl"] == pytest.approx(r["ppl"], rel=1e-5)
     assert "## Against the oracle" in printed and "| router-loss |" in printed
     assert set(res["oracle_share"]["router-loss"]) == {"+1%", "+2%"}
+    assert "| ceiling: KL to the last layer |" in printed and sweep.CEILING in res["oracle_share"]
 
 
 def test_rows_carry_paired_bootstrap_intervals(ckpts, capsys):
@@ -274,6 +275,17 @@ def test_oracle_share_and_character_classes_by_hand():
     cls, names = measure.char_class(target, itos, previous)
     assert [names[c] for c in cls] == ["space", "newline", "word start", "inside word", "digit", "punctuation",
                                        "word start"]
+
+
+def test_the_ceiling_routes_by_the_kl_to_the_last_layer():
+    """measure.ceiling_sweep: a character leaves when 1 / (1 + KL(last || exit)) clears the threshold."""
+    cfg = ee.GPTConfig(vocab_size=5, block_size=4, n_layer=3, n_head=2, n_embd=8, exits=[1])
+    stats = {"ce": {1: torch.tensor([1.0, 2.0, 1.0, 3.0]), 3: torch.ones(4)}, "conf": {},
+             "kl": {1: torch.tensor([0.0, 0.5, 0.01, 2.0])}, "window": 4}  # confidences 1, 0.667, 0.990, 0.333
+    at = {r["threshold"]: r for r in measure.ceiling_sweep(stats, cfg)}
+    assert at[0.9]["shallow"] == 50.0 and at[0.9]["ppl"] == pytest.approx(math.exp(1.0))
+    assert at[0.5]["shallow"] == 75.0 and at[0.5]["ppl"] == pytest.approx(math.exp(1.25))
+    assert at[1.0]["shallow"] == 0.0  # threshold 1 is full depth, whatever the confidence
 
 
 def test_a_stride_scores_each_character_once_with_context(ckpts):

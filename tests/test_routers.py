@@ -1,0 +1,60 @@
+"""routers.py: the learned routers' examples and labels against direct computation on a toy model,
+the KL that the kl router regresses (and the sweep's ceiling reads) by hand, and the regression fit.
+
+Run: python -m pytest tests/test_routers.py -q
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import measure
+import routers
+from conftest import make_model
+
+
+def test_kl_divergence_by_hand():
+    last = torch.log(torch.tensor([[0.5, 0.5]]))
+    exit_logits = torch.log(torch.tensor([[0.9, 0.1]]))
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108 nats
+    assert measure.kl_divergence(last, exit_logits).item() == pytest.approx(want, rel=1e-6)
+    assert measure.kl_divergence(exit_logits, exit_logits).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_examples_and_labels_of_a_toy_model():
+    """Per exit and character: the exit's logits and states, 'same top character', CE_exit - CE_last and
+    KL(last || exit) as a plain forward gives them; the three labels made from them."""
+    model = make_model(n_layer=4, exits=[1, 2])
+    ids = torch.randint(0, 23, (16 * 3 + 1,), generator=torch.Generator().manual_seed(0))
+    ex = routers.exit_examples(model, ids, batch_size=2)
+    x, y = ids[:-1].view(3, 16), ids[1:].view(3, 16)
+    logits = model(x)[0]
+    last = logits[4].flatten(0, 1)
+    for k in (1, 2):
+        lg, h, h_prev, same, gain, kl = ex[k]
+        mine = logits[k].flatten(0, 1)
+        assert torch.allclose(lg, mine, atol=1e-5) and h.shape == h_prev.shape == (48, 16)
+        assert torch.equal(same, mine.argmax(-1) == last.argmax(-1))
+        ce = lambda z: F.cross_entropy(z, y.flatten(), reduction="none")  # noqa: E731
+        assert torch.allclose(gain, ce(mine) - ce(last), atol=1e-5)
+        p_last = F.softmax(last, -1)
+        assert torch.allclose(kl, (p_last * (p_last.log() - F.log_softmax(mine, -1))).sum(-1), atol=1e-5)
+        got = routers.labels(same, gain, kl, epsilon=0.1)
+        assert torch.equal(got["consistency"], same.float()) and torch.equal(got["loss"], (gain <= 0.1).float())
+        assert torch.allclose(got["kl"], -torch.log(kl + routers.FLOOR))
+
+
+def test_the_kl_router_regresses_its_score_and_reads_as_one_over_one_plus_kl():
+    """fit(regress=True) fits the score to a real target (here a function of max softmax, which the
+    router sees), and the confidence is the sigmoid of the score: 1 / (1 + e^-score)."""
+    torch.manual_seed(0)
+    logits, h = torch.randn(2000, 7) * 2, torch.randn(2000, 8)
+    target = -torch.log(1 - F.softmax(logits, -1).amax(-1) + routers.FLOOR)  # a cost that falls as confidence rises
+    router = routers.Router(8, hidden=16)
+    before = F.mse_loss(router.score(logits, h, h), target).item()
+    routers.fit(router, logits, h, h, target, regress=True, epochs=30, batch=256, lr=1e-2)
+    after = F.mse_loss(router.score(logits, h, h), target).item()
+    assert after < before / 10
+    assert torch.allclose(router(logits, h, h), 1 / (1 + torch.exp(-router.score(logits, h, h))))
