@@ -181,11 +181,9 @@ class Stats:
 
 
 @torch.no_grad()
-def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None, stop=0.0):
+def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
     """max_new_tokens characters after idx (B, T), each distributed exactly as model.generate at full
-    depth would draw it, from drafts of up to k characters by the exit after layer draft_exit. stop:
-    a row stops drafting at a draft whose exit confidence (max softmax) is below it, and the cycle
-    stops drafting when every row has (a draft the exit doubts is a draft the full model refuses).
+    depth would draw it, from drafts of up to k characters by the exit after layer draft_exit.
     Returns the ids (B, T + max_new_tokens) and a Stats."""
     cfg = model.config
     if draft_exit not in cfg.exits:
@@ -195,84 +193,70 @@ def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, to
     stats = Stats(len(rows))
     while min(map(len, rows)) < target:
         refill(model, cache, rows, starts)
-        proposed, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
-                                   temperature, top_k, generator, stop)
-        stats.cycles, stats.drafted = stats.cycles + 1, stats.drafted + int(proposed.sum())
+        steps, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
+                                temperature, top_k, generator)
+        stats.cycles, stats.drafted = stats.cycles + 1, stats.drafted + steps * len(rows)
         stats.accepted, stats.emitted = stats.accepted + int(accepted.sum()), stats.emitted + int(accepted.sum()) + len(rows)
     return idx.new_tensor([r[:target] for r in rows]), stats
 
 
-def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None, stop=0.0):
+def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None):
     """One draft-verify cycle over every row: each row gains its accepted drafts and one character
-    from the full model, and every layer's cache keeps just those. Returns (B,) how many drafts each
-    row proposed and how many it accepted."""
+    from the full model, and every layer's cache keeps just those. Returns the number of drafts
+    and (B,) how many each row accepted."""
     cfg, blocks = model.config, model.transformer.h
     device = cache_device(model)
     n = torch.tensor([len(r) for r in rows], device=device)  # each row predicts position n next
     cur = torch.tensor([r[-1:] for r in rows], device=device)  # (B, 1): the newest, not yet in the cache
     steps = min(k, min(s + cfg.block_size - len(r) for s, r in zip(starts, rows)))  # stay in every window
-    drafts, q, states, proposed = draft(model, cache, cur, steps, e, temperature, top_k, generator, stop)
-    x = torch.cat(states, 1) if states else None  # (B, s, C): each input's state after layer e
-    if int(proposed.max()) == len(drafts):  # some row proposes its newest draft: take it through layers 1..e too
-        x_new = model.embed(drafts[-1] if drafts else cur, cache[0].length)
-        for i in range(e):
-            x_new = blocks[i](x_new, None, cache[i])
-        x = x_new if x is None else torch.cat([x, x_new], 1)
+    drafts, q, states = draft(model, cache, cur, steps, e, temperature, top_k, generator)
+    x = model.embed(drafts[-1] if drafts else cur, cache[0].length)  # the newest character ...
+    for i in range(e):
+        x = blocks[i](x, None, cache[i])  # ... through layers 1..e
+    x = torch.cat([*states, x], 1)  # (B, steps + 1, C): each position's state after layer e
     for i in range(e, cfg.n_layer):
         x = blocks[i](x, None, cache[i])
     p = token_probs(model.head(cfg.n_layer, x).flatten(0, 1), temperature, top_k).view(*x.shape[:2], -1)
-    new, accepted = accept(drafts[: p.size(1) - 1], q, p, proposed, generator)
+    new, accepted = accept(drafts, q, p, generator)
     for r, chars in zip(rows, new):
         r.extend(chars)
     for c in cache:  # keep the cycle's input and its accepted drafts, in each row
         c.truncate(n - torch.tensor(starts, device=device) + accepted)
-    return proposed, accepted
+    return steps, accepted
 
 
-def draft(model, cache, cur, steps, e, temperature, top_k, generator, stop=0.0):
-    """Up to `steps` characters from the exit after layer e, one at a time: each input goes through
-    layers 1..e (its K/V into the cache) and its state there is kept for verification. A row proposes
-    its drafts up to the first one whose exit confidence is below `stop`; drafting ends when no row
-    proposes more. Returns the drafts [(B, 1)], their distributions q [(B, V)], the kept states
-    [(B, 1, C)] and (B,) how many drafts each row proposes."""
+def draft(model, cache, cur, steps, e, temperature, top_k, generator):
+    """`steps` characters from the exit after layer e, one at a time: each input goes through layers
+    1..e (its K/V into the cache) and its state there is kept for verification. Returns the drafts
+    [(B, 1)], their distributions q [(B, V)] and the kept states [(B, 1, C)]."""
     drafts, q, states, x_in = [], [], [], cur
-    going = torch.ones(cur.size(0), dtype=torch.bool, device=cur.device)
-    proposed = torch.zeros(cur.size(0), dtype=torch.long, device=cur.device)
     for _ in range(steps):
         x = model.embed(x_in, cache[0].length)
         for i, block in enumerate(model.transformer.h[:e]):
             x = block(x, None, cache[i])
         states.append(x)
-        logits = model.head(e, x[:, -1])
-        q.append(token_probs(logits, temperature, top_k))
+        q.append(token_probs(model.head(e, x[:, -1]), temperature, top_k))
         x_in = torch.multinomial(q[-1], 1, generator=generator) if temperature else q[-1].argmax(-1, keepdim=True)
         drafts.append(x_in)
-        if stop > 0:
-            going &= F.softmax(logits.float(), -1).amax(-1) >= stop
-            if not going.any():
-                break
-        proposed += going
-    return drafts, q, states, proposed
+    return drafts, q, states
 
 
-def accept(drafts, q, p, proposed, generator):
+def accept(drafts, q, p, generator):
     """Per row: the characters this cycle emits (the accepted drafts, then one from the full model)
-    and how many drafts were accepted. p: (B, steps + 1, V), the full model's distributions; a row
-    is checked on its first `proposed` drafts only, and draws its own after them from p."""
+    and how many drafts were accepted. p: (B, steps + 1, V), the full model's distributions."""
     B, steps = p.size(0), len(drafts)
     accepted = torch.zeros(B, dtype=torch.long, device=p.device)
     if steps:
         d = torch.cat(drafts, 1)  # (B, steps)
         pd = p[:, :steps].gather(2, d.unsqueeze(-1)).squeeze(-1)  # p_i(d_i)
-        qd = torch.stack(q[:steps], 1).gather(2, d.unsqueeze(-1)).squeeze(-1)  # q_i(d_i) > 0: d_i was drawn from q_i
+        qd = torch.stack(q, 1).gather(2, d.unsqueeze(-1)).squeeze(-1)  # q_i(d_i) > 0: d_i was drawn from q_i
         u = torch.rand(B, steps, generator=generator, device=p.device)
-        ok = (u * qd < pd) & (torch.arange(steps, device=p.device) < proposed.unsqueeze(1))
-        accepted = ok.long().cumprod(1).sum(1)  # P(accept) = min(1, p / q); the leading run
+        accepted = (u * qd < pd).long().cumprod(1).sum(1)  # P(accept) = min(1, p / q); the leading run
     first = p[torch.arange(B), accepted]  # the full model's distribution where each row stopped
     if steps:  # refused at position a: draw from what p has beyond q (all of p where they do not overlap)
-        q_a = torch.stack(q[:steps], 1)[torch.arange(B), accepted.clamp(max=steps - 1)]
+        q_a = torch.stack(q, 1)[torch.arange(B), accepted.clamp(max=steps - 1)]
         rest = (first - q_a).clamp(min=0)
-        use = (accepted < proposed) & (rest.sum(-1) > 0)
+        use = (accepted < steps) & (rest.sum(-1) > 0)
         first = torch.where(use.unsqueeze(-1), rest / rest.sum(-1, keepdim=True).clamp(min=1e-30), first)
     nxt = torch.multinomial(first, 1, generator=generator)  # (B, 1)
     d = torch.cat([*drafts, nxt], 1).tolist() if drafts else nxt.tolist()

@@ -34,8 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--speculative", type=cli.number(int, 0), default=0, help="self-speculative decoding with drafts "
                    "of up to this many characters (0 = off): the full model's text, not early exit's")
     p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first)")
-    p.add_argument("--draft-stop", type=cli.number(float, 0.0, 1.0), default=0.0, help="a row stops drafting at a draft whose exit "
-                   "confidence (max softmax) is below this (0 = always draft the full --speculative)")
     p.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
                    "learned router the checkpoint holds (router-loss, router-consistency)")
     p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
@@ -84,8 +82,7 @@ def main(args):
     with cli.autocast(device):
         if args.speculative:
             ids, stats = decode.speculative(model, prompt, args.max_new_tokens, args.draft_exit or cfg.exits[0],
-                                              args.speculative, args.temperature, args.top_k or None, gen,
-                                              args.draft_stop)
+                                              args.speculative, args.temperature, args.top_k or None, gen)
             depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
         else:
             ids, depths = decode.generate(model, prompt, args.max_new_tokens, threshold, args.temperature,
@@ -99,9 +96,8 @@ def main(args):
         print("-" * 60)
     speed = f"{depths.numel():,} characters in {dt:.2f}s = {depths.numel() / dt:,.0f} tok/s"
     if args.speculative:
-        stop = f", stopping below confidence {args.draft_stop:g}" if args.draft_stop else ""
         print(f"{speed} | self-speculative, drafts of up to {args.speculative} by the exit after layer "
-              f"{args.draft_exit or cfg.exits[0]}{stop}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
+              f"{args.draft_exit or cfg.exits[0]}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
               f"characters a full-model pass")
         return
     exited = ", ".join(f"at layer {k}: {100 * (depths == k).float().mean().item():.1f}%" for k in cfg.exits) or "none"

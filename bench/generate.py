@@ -35,9 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=cli.threshold, default=None, help="confidence threshold for the exit methods "
                    "(default: the median exit confidence on the text, so that about half the characters exit)")
     p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1)), default=[2, 3, 4, 6],
-                   help="speculative drafts to try; the fastest (with the best draft exit and stop) is timed")
-    p.add_argument("--draft-stops", type=cli.comma_list(cli.number(float, 0.0, 1.0)), default=[0.0, 0.5],
-                   help="speculative drafting stops below this exit confidence (0 = never); comma list to try")
+                   help="speculative drafts to try; the fastest (with the best draft exit) is timed")
     cli.add_device(p)
     return p.parse_args(argv)
 
@@ -52,19 +50,17 @@ def timed(fn, device):
 
 def methods(model, tau, spec):
     """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy."""
-    e, k, stop = spec
+    e, k = spec
     return {"full depth": lambda x, n: decode.generate(model, x, n, None, temperature=0),
             "confidence exit (per row)": lambda x, n: decode.generate(model, x, n, tau, temperature=0),
             "CALM batch rule": lambda x, n: decode.generate(model, x, n, tau, temperature=0, whole_batch=True),
-            f"self-speculative (exit {e}, K={k}{f', stop {stop:g}' if stop else ''})":
-                lambda x, n: decode.speculative(model, x, n, e, k, temperature=0, stop=stop)}
+            f"self-speculative (exit {e}, K={k})": lambda x, n: decode.speculative(model, x, n, e, k, temperature=0)}
 
 
-def fastest_draft(model, prompt, new, lengths, stops, device):
-    """The (draft exit, K, stop) with the most tokens/s on one short run each (chosen before the timed
-    rounds)."""
-    runs = {(e, k, s): timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0, stop=s), device)[0]
-            for e in model.config.trained_exits for k in lengths for s in stops}
+def fastest_draft(model, prompt, new, lengths, device):
+    """The (draft exit, K) with the most tokens/s on one short run each (chosen before the timed rounds)."""
+    runs = {(e, k): timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0), device)[0]
+            for e in model.config.trained_exits for k in lengths}
     return min(runs, key=runs.get)
 
 
@@ -86,7 +82,7 @@ def main(args):
     print("|---|---|---|---|---|---|---|")
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
-        spec = fastest_draft(model, prompt, args.new_tokens, args.draft_lengths, args.draft_stops, device)
+        spec = fastest_draft(model, prompt, args.new_tokens, args.draft_lengths, device)
         runs = methods(model, tau, spec)
         secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up
