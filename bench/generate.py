@@ -64,6 +64,26 @@ def fastest_draft(model, prompt, new, lengths, device):
     return min(runs, key=runs.get)
 
 
+@torch.no_grad()
+def layer_cost(model, prompt, widths, device, calls=100):
+    """Seconds of one call of the last layer over n new characters after the prompt's, cached, for each
+    n in widths: what self-speculative decoding's verify pass pays per layer for K + 1 characters, against
+    one decoding step's n = 1. Median of five rounds of `calls` calls, each cut back to the prompt."""
+    cache = decode.new_cache(model.config.n_layer)
+    model.forward_exit(prompt, None, cache=cache)
+    block, c, T = model.transformer.h[-1], cache[-1], prompt.size(1)
+    out = {}
+    for n in widths:
+        x = torch.randn(prompt.size(0), n, model.config.n_embd, device=device)
+        def run():
+            for _ in range(calls):
+                block(x, None, c)
+                c.truncate(T)
+        run()
+        out[n] = statistics.median(timed(run, device)[0] for _ in range(5)) / calls
+    return out
+
+
 def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
@@ -80,6 +100,7 @@ def main(args):
           f"{args.new_tokens} new characters a run, greedy | median of {args.rounds} interleaved rounds")
     print("\n| batch | method | tok/s | speedup | exited / accepted | layer-count speedup | PPL cost |")
     print("|---|---|---|---|---|---|---|")
+    costs = {}
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
         spec = fastest_draft(model, prompt, args.new_tokens, args.draft_lengths, device)
@@ -91,6 +112,7 @@ def main(args):
                 if r:
                     secs[name].append(t)
         same = torch.equal(outs["full depth"][0], outs[next(n for n in runs if n.startswith("self"))][0])
+        costs[bs] = layer_cost(model, prompt, [1, *(k + 1 for k in args.draft_lengths)], device)
         base = statistics.median(secs["full depth"])
         for name in runs:
             speed = bs * args.new_tokens / statistics.median(secs[name])
@@ -108,6 +130,11 @@ def main(args):
             print(f"| {bs} | {name} | {speed:,.0f} | {base * speed / (bs * args.new_tokens):.2f}x | {shown} | {layer} | {cost} |")
     print(f"\nPPL cost: true-exit PPL at the threshold over full depth's ({full:.3f}) on {len(val):,} characters of "
           f"{source} (the batch rule read with as many windows side by side as the batch)")
+    widths = list(next(iter(costs.values())))
+    print("\n## One layer over n new characters (a verify pass over K drafts has n = K + 1), against n = 1\n")
+    print("| batch | " + " | ".join(f"n = {n}" for n in widths) + " |\n|---|" + "---|" * len(widths))
+    for bs, c in costs.items():
+        print(f"| {bs} | " + " | ".join(f"{1e3 * c[n]:.2f} ms ({c[n] / c[1]:.1f}x)" for n in widths) + " |")
 
 
 if __name__ == "__main__":
