@@ -8,7 +8,8 @@ Three labels, trained side by side, each one router an exit:
   loss         the exit's CE is within epsilon of the last layer's (the label that fits a PPL goal)
   kl           how much CE leaving here is expected to cost: KL(last layer || exit), the loss label's
                mean over the character that may come (as the last layer sees it) instead of the one
-               that came, so a far less noisy target; regressed, not classified
+               that came, so a far less noisy target; regressed, not classified, and read as the
+               confidence exp(-KL / epsilon)
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
 """
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from data import eval_windows
 from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax
-from measure import kl_divergence
+from measure import cost_confidence, kl_divergence
 
 LABELS = ("consistency", "loss", "kl")
 FLOOR = 1e-3  # the kl router regresses log(KL + FLOOR): KLs below a thousandth of a nat all look alike
@@ -30,12 +31,13 @@ HIDDEN = 128  # the routers' MLP width
 
 class Router(nn.Module):
     """P(the character may leave here) from the exit's state and confidences: an MLP, then sigmoid.
-    The kl router's score regresses -log(KL + FLOOR), so its confidence is 1 / (1 + KL + FLOOR):
-    a threshold t lets a character leave when its predicted cost is at most 1/t - 1 nats."""
+    With a cost_scale (the kl router) the score regresses -log(KL + FLOOR) instead, and the confidence
+    is measure.cost_confidence of the KL it predicts: exp(-KL / cost_scale)."""
 
-    def __init__(self, n_embd, hidden=HIDDEN):
+    def __init__(self, n_embd, hidden=HIDDEN, cost_scale=None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_embd + 4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.cost_scale = cost_scale
 
     def score(self, logits, h, h_prev):
         cheap = torch.stack([f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)], -1)
@@ -43,7 +45,10 @@ class Router(nn.Module):
         return self.net(x).squeeze(-1)
 
     def forward(self, logits, h, h_prev):
-        return torch.sigmoid(self.score(logits, h, h_prev))
+        s = self.score(logits, h, h_prev)
+        if self.cost_scale is None:
+            return torch.sigmoid(s)
+        return cost_confidence((torch.exp(-s) - FLOOR).clamp(min=0), self.cost_scale)
 
 
 @torch.no_grad()
@@ -96,8 +101,8 @@ def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
         for label, target in labels(same, gain, kl, epsilon).items():
             torch.manual_seed(seed + k)
             regress = label == "kl"  # a real target: it takes longer to fit than a 0/1 one
-            out[label][k] = fit(Router(model.config.n_embd).to(h.device), logits, h, h_prev, target,
-                                regress=regress, epochs=30 if regress else 8, seed=seed)
+            router = Router(model.config.n_embd, cost_scale=epsilon if regress else None).to(h.device)
+            out[label][k] = fit(router, logits, h, h_prev, target, regress=regress, epochs=30 if regress else 8, seed=seed)
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
     return out
@@ -115,7 +120,7 @@ def from_checkpoint(ckpt, device="cpu"):
     for label, by_exit in (saved or {}).get("state", {}).items():
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
-            router = Router(ckpt["config"]["n_embd"], saved["hidden"])
+            router = Router(ckpt["config"]["n_embd"], saved["hidden"], saved["epsilon"] if label == "kl" else None)
             router.load_state_dict(state)
             out[f"router-{label}"][int(k)] = router.to(device).eval().requires_grad_(False)
     return out

@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    "of up to this many characters (0 = off): the full model's text, not early exit's")
     p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first)")
     p.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
-                   "learned router the checkpoint holds (router-loss, router-consistency)")
+                   "learned router the checkpoint holds (router-kl, router-loss, router-consistency)")
     p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=cli.number(int, 0), default=0, help="sample from the k most likely characters (0 = all)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")

@@ -46,15 +46,18 @@ def test_examples_and_labels_of_a_toy_model():
         assert torch.allclose(got["kl"], -torch.log(kl + routers.FLOOR))
 
 
-def test_the_kl_router_regresses_its_score_and_reads_as_one_over_one_plus_kl():
+def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
     """fit(regress=True) fits the score to a real target (here a function of max softmax, which the
-    router sees), and the confidence is the sigmoid of the score: 1 / (1 + e^-score)."""
+    router sees); the confidence is exp(-KL / cost_scale) of the KL the score stands for, e^-score -
+    FLOOR."""
     torch.manual_seed(0)
     logits, h = torch.randn(2000, 7) * 2, torch.randn(2000, 8)
     target = -torch.log(1 - F.softmax(logits, -1).amax(-1) + routers.FLOOR)  # a cost that falls as confidence rises
-    router = routers.Router(8, hidden=16)
+    router = routers.Router(8, hidden=16, cost_scale=0.1)
     before = F.mse_loss(router.score(logits, h, h), target).item()
     routers.fit(router, logits, h, h, target, regress=True, epochs=30, batch=256, lr=1e-2)
     after = F.mse_loss(router.score(logits, h, h), target).item()
     assert after < before / 10
-    assert torch.allclose(router(logits, h, h), 1 / (1 + torch.exp(-router.score(logits, h, h))))
+    kl = (torch.exp(-router.score(logits, h, h)) - routers.FLOOR).clamp(min=0)
+    assert torch.allclose(router(logits, h, h), torch.exp(-kl / 0.1))
+    assert measure.cost_confidence(torch.tensor(0.1 * math.log(1 / 0.9))).item() == pytest.approx(0.9)

@@ -278,10 +278,10 @@ def test_oracle_share_and_character_classes_by_hand():
 
 
 def test_the_ceiling_routes_by_the_kl_to_the_last_layer():
-    """measure.ceiling_sweep: a character leaves when 1 / (1 + KL(last || exit)) clears the threshold."""
+    """measure.ceiling_sweep: a character leaves when exp(-KL(last || exit) / 0.1) clears the threshold."""
     cfg = ee.GPTConfig(vocab_size=5, block_size=4, n_layer=3, n_head=2, n_embd=8, exits=[1])
     stats = {"ce": {1: torch.tensor([1.0, 2.0, 1.0, 3.0]), 3: torch.ones(4)}, "conf": {},
-             "kl": {1: torch.tensor([0.0, 0.5, 0.01, 2.0])}, "window": 4}  # confidences 1, 0.667, 0.990, 0.333
+             "kl": {1: torch.tensor([0.0, 0.05, 0.001, 0.2])}, "window": 4}  # confidences 1, 0.607, 0.990, 0.135
     at = {r["threshold"]: r for r in measure.ceiling_sweep(stats, cfg)}
     assert at[0.9]["shallow"] == 50.0 and at[0.9]["ppl"] == pytest.approx(math.exp(1.0))
     assert at[0.5]["shallow"] == 75.0 and at[0.5]["ppl"] == pytest.approx(math.exp(1.25))
