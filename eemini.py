@@ -52,6 +52,7 @@ class GPTConfig:
     mlp: str = "relu2"  # the MLP's nonlinearity: "relu2" (ReLU squared), "gelu" or "swiglu"
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     exit_dropout: float = 0.2  # training only: the share of tokens frozen at the trained exits (see forward)
+    layer_dropout: float = 0.0  # training only: the rate at which the last layer is skipped, less below (see forward)
 
     def __post_init__(self):
         self.exits = sorted(set(self.exits))
@@ -312,13 +313,22 @@ class GPT(nn.Module):
         """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
         sum_k w_k CE(layer k) over config.loss_weights (then only the weighted heads are computed).
         With exit_dropout, training freezes a random share of the tokens at each exit, as true early
-        exit would: the layers above see their frozen states, and heads above do not score them."""
+        exit would: the layers above see their frozen states, and heads above do not score them.
+        With layer_dropout, training skips layer k for a random share of the sequences, rising with
+        depth from 0 at layer 1 to layer_dropout at the last (LayerSkip's rates, e^((k-1) ln 2 / (L-1))
+        - 1 of it [5]): the deep layers learn to refine what the shallow ones say, not to replace it."""
         cfg, weights = self.config, self.config.loss_weights
         wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
         x, logits, frozen, scored = self.embed(idx), {}, None, {}
-        drop = cfg.exit_dropout if self.training and targets is not None else 0.0
+        train = self.training and targets is not None
+        drop = cfg.exit_dropout if train else 0.0
         for k, block in enumerate(self.transformer.h, 1):
-            x = block(x) if frozen is None else torch.where(frozen.unsqueeze(-1), x, block(x))
+            keep = frozen.unsqueeze(-1) if frozen is not None else None  # tokens whose state this layer leaves alone
+            rate = cfg.layer_dropout * (2 ** ((k - 1) / max(1, cfg.n_layer - 1)) - 1) if train else 0.0
+            if rate:
+                skip = torch.rand(idx.size(0), 1, 1, device=idx.device) < rate
+                keep = skip if keep is None else keep | skip
+            x = block(x) if keep is None else torch.where(keep, x, block(x))
             if k in wanted:
                 logits[k] = self.head(k, x)
                 scored[k] = targets if frozen is None else targets.masked_fill(frozen, -100)  # -100: not scored

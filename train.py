@@ -72,6 +72,9 @@ def parse_args(argv=None):
     g.add_argument("--exit-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.2,
                    help="training: freeze this share of the tokens at the trained exits (split evenly among them), so "
                    "that the deep layers learn to read frozen states, as they must under true early exit")
+    g.add_argument("--layer-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
+                   help="training: skip the last layer for this share of the sequences, fewer below (LayerSkip's "
+                   "layer dropout, for exits that agree with the last layer: self-speculative drafts)")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
                    "(after --train-chars) to fit the learned routers on at the end (0 = no routers)")
@@ -212,7 +215,8 @@ def build_model(args, vocab):
     return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
                                exits=args.exit_layers, loss_weights=weights, pos=args.pos, norm=args.norm,
-                               mlp=args.mlp, qk_norm=args.qk_norm, exit_dropout=args.exit_dropout))
+                               mlp=args.mlp, qk_norm=args.qk_norm, exit_dropout=args.exit_dropout,
+                               layer_dropout=args.layer_dropout))
 
 
 def train_step(run, train_data, gen):

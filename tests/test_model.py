@@ -452,6 +452,28 @@ def test_exit_dropout_freezes_tokens_as_true_exit_would():
     assert plain(x, y)[1].item() == pytest.approx(F.cross_entropy(plain(x)[0][3].flatten(0, 1), y.flatten()).item())
 
 
+def test_layer_dropout_skips_deep_layers_per_sequence_at_rates_rising_with_depth():
+    """Training with layer dropout p: layer 1 is never skipped, layer 2 of 3 for a share p (2^0.5 - 1)
+    of the sequences, layer 3 for a share p; a skipped layer leaves the sequence's state as it was.
+    Evaluation never skips."""
+    model = make_model(exit_dropout=0.0, layer_dropout=0.6).train()
+    x, y = torch.randint(0, 23, (8, 16)), torch.randint(0, 23, (8, 16))
+    torch.manual_seed(5)
+    _, loss = model(x, y)
+    torch.manual_seed(5)
+    h = model.transformer.h[0](model.embed(x))
+    exit_logits = model.head(1, h)
+    skipped = []
+    for block, rate in zip(model.transformer.h[1:], (0.6 * (2 ** 0.5 - 1), 0.6)):
+        skipped.append(torch.rand(8, 1, 1) < rate)
+        h = torch.where(skipped[-1], h, block(h))
+    want = 0.7 * F.cross_entropy(exit_logits.flatten(0, 1), y.flatten()) + 0.3 * F.cross_entropy(
+        model.head(3, h).flatten(0, 1), y.flatten())
+    assert 0 < skipped[1].sum() < 8 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    model.eval()
+    assert torch.equal(model(x)[0][3], make_model(exit_dropout=0.0)(x)[0][3])
+
+
 def test_a_cascade_leaves_at_the_first_confident_exit():
     """Masked routing with exits after layers 1 and 2 of 4: each token's logits are those of the first
     exit whose confidence clears the threshold (per exit, or one for all), else the last layer's."""
