@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 from conftest import TINY_TRAIN, cli_error
@@ -18,7 +19,7 @@ from conftest import TINY_TRAIN, cli_error
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "sweep.py", "sample.py", "exit_classifier.py", "reproduce.py", "docs.py",
            "bench/train_step.py", "bench/sweep_speed.py", "bench/generate.py", "bench/ablation.py", "bench/exit_gap.py",
-           "bench/exit_layers.py"]
+           "bench/exit_layers.py", "bench/acceptance.py"]
 
 
 def run(script, *argv):
@@ -64,6 +65,27 @@ def test_sweep_sample_and_benchmarks_run_on_it(trained):
     code, out, err = run("bench/train_step.py", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size",
                          "4", "--steps", "1", "--rounds", "1")
     assert code == 0 and "step-time ratio" in out, err
+
+
+def test_acceptance_benchmark_prints_what_decoding_accepts(trained, capsys):
+    """bench/acceptance.py's row: the exit's agreement with the last layer on the text, and the share of
+    greedy drafts decode.speculative accepts from the same prompts."""
+    import checkpoint as ck
+    import decode
+    import measure
+
+    module = load("bench/acceptance.py")
+    args = module.parse_args([str(trained / "ckpt.pt"), "--prompts", "3", "--new-tokens", "12", "--draft-length", "3"])
+    module.main(args)
+    row = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][-1]
+    ckpt = ck.load_checkpoint(trained / "ckpt.pt")
+    model, vocab = ck.model_from_checkpoint(ckpt)
+    ids, _ = ck.eval_text(args, ckpt, vocab)
+    stats = measure.token_stats(model, ids)
+    prompt = torch.stack([ids[s : s + 32] for s in (torch.arange(3) * (len(ids) - 32) // 3).tolist()])
+    _, spec = decode.speculative(model, prompt, 12, 1, 3, temperature=0)
+    assert row[2:6] == ["1", f"{measure.ppl(stats['ce'][1]):.3f}",
+                        f"{100 * (stats['top'][1] == stats['top'][3]).float().mean():.1f}%", f"{100 * spec.acceptance:.1f}%"]
 
 
 def test_exit_classifier_runs(wiki_folder, tmp_path):
