@@ -68,7 +68,9 @@ def fastest_draft(model, prompt, new, lengths, device):
 def layer_cost(model, prompt, widths, device, calls=100):
     """Seconds of one call of the last layer over n new characters after the prompt's, cached, for each
     n in widths: what self-speculative decoding's verify pass pays per layer for K + 1 characters, against
-    one decoding step's n = 1. Median of five rounds of `calls` calls, each cut back to the prompt."""
+    one decoding step's n = 1. Median of five rounds of `calls` calls, each cut back to the prompt (as
+    much of it as leaves room in the context for the widest n)."""
+    prompt = prompt[:, : model.config.block_size - max(widths)]
     cache = decode.new_cache(model.config.n_layer)
     model.forward_exit(prompt, None, cache=cache)
     block, c, T = model.transformer.h[-1], cache[-1], prompt.size(1)
@@ -112,7 +114,7 @@ def main(args):
                 if r:
                     secs[name].append(t)
         same = torch.equal(outs["full depth"][0], outs[next(n for n in runs if n.startswith("self"))][0])
-        costs[bs] = layer_cost(model, prompt, [1, *(k + 1 for k in args.draft_lengths)], device)
+        costs[bs] = layer_cost(model, prompt, [1, *(k + 1 for k in args.draft_lengths if k < cfg.block_size - 1)], device)
         base = statistics.median(secs["full depth"])
         for name in runs:
             speed = bs * args.new_tokens / statistics.median(secs[name])
