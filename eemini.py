@@ -59,6 +59,8 @@ class GPTConfig:
         if not all(1 <= k < self.n_layer for k in self.exits):
             raise EEminiError(f"exit layers {self.exits} must lie in 1..n_layer-1 = {self.n_layer - 1} "
                               f"(none, for a plain model without an exit)")
+        if not 0 <= self.layer_dropout < 1:
+            raise EEminiError(f"layer dropout {self.layer_dropout} must lie in [0, 1)")
         if self.n_embd % self.n_head:
             raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         for name, allowed in (("pos", ROPE), ("norm", NORMS), ("mlp", MLPS)):
@@ -316,7 +318,9 @@ class GPT(nn.Module):
         exit would: the layers above see their frozen states, and heads above do not score them.
         With layer_dropout, training skips layer k for a random share of the sequences, rising with
         depth from 0 at layer 1 to layer_dropout at the last (LayerSkip's rates, e^((k-1) ln 2 / (L-1))
-        - 1 of it [5]): the deep layers learn to refine what the shallow ones say, not to replace it."""
+        - 1 of it [5]): the deep layers learn to refine what the shallow ones say, not to replace it.
+        A skipped layer is still computed (torch.where keeps the graph the same in every step), so
+        unlike LayerSkip's it saves no training time."""
         cfg, weights = self.config, self.config.loss_weights
         wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
         x, logits, frozen, scored = self.embed(idx), {}, None, {}

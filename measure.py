@@ -53,7 +53,7 @@ def token_stats(model, data, batch_size=64, device="cpu", routers=None, stride=0
             "target": torch.cat(target), "window": stride or cfg.block_size}
 
 
-def cost_confidence(kl, scale=0.1):
+def cost_confidence(kl, scale=0.1):  # scale: the loss router's default epsilon
     """A confidence in (0, 1] from an expected cost in nats: exp(-kl / scale). Threshold t lets a character
     leave when its cost is at most scale * ln(1/t): with scale 0.1, t = 0.9 allows 0.011 nats, 0.5 0.069."""
     return torch.exp(-kl / scale)
@@ -218,8 +218,9 @@ def fine_sweep(stats, cfg, confidence):
 def ceiling_sweep(stats, cfg):
     """fine_sweep's rows for a router that knows the last layer's distribution (not the answer): each
     character leaves where KL(last || exit), its expected cost, is small (confidence cost_confidence(KL)).
-    Not deployable (it runs every layer), it is how far a router reading the exit alone could hope
-    to go: the oracle's saving comes from hindsight of the one character that came."""
+    Not deployable (it runs every layer), it is a reference for a router that predicts that cost: the
+    oracle's saving also has hindsight of the one character that came. Not a bound: KL is never
+    negative, so it cannot pick out characters where the exit is better than the last layer."""
     known = {**stats, "conf": {"ceiling": {k: cost_confidence(kl) for k, kl in stats["kl"].items()}}}
     return fine_sweep(known, cfg, "ceiling")
 

@@ -6,10 +6,10 @@ and how little the state moved in the last layer) and says how likely the charac
 Three labels, trained side by side, each one router an exit:
   consistency  the exit's top character is the last layer's (CALM's label)
   loss         the exit's CE is within epsilon of the last layer's (the label that fits a PPL goal)
-  kl           how much CE leaving here is expected to cost: KL(last layer || exit), the loss label's
-               mean over the character that may come (as the last layer sees it) instead of the one
-               that came, so a far less noisy target; regressed, not classified, and read as the
-               confidence exp(-KL / epsilon)
+  kl           how much CE leaving here is expected to cost: KL(last layer || exit), the loss
+               difference averaged over the character that may come (as the last layer sees it)
+               instead of read off the one that came, so a far less noisy target; regressed, not
+               classified, and read as the confidence measure.cost_confidence(KL) = exp(-KL / 0.1)
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
 """
@@ -25,19 +25,19 @@ from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_satu
 from measure import cost_confidence, kl_divergence
 
 LABELS = ("consistency", "loss", "kl")
-FLOOR = 1e-3  # the kl router regresses log(KL + FLOOR): KLs below a thousandth of a nat all look alike
+FLOOR = 1e-3  # the kl router regresses -log(KL + FLOOR): KLs below a thousandth of a nat all look alike
 HIDDEN = 128  # the routers' MLP width
 
 
 class Router(nn.Module):
     """P(the character may leave here) from the exit's state and confidences: an MLP, then sigmoid.
-    With a cost_scale (the kl router) the score regresses -log(KL + FLOOR) instead, and the confidence
-    is measure.cost_confidence of the KL it predicts: exp(-KL / cost_scale)."""
+    A regressing router (the kl router) has a score that regresses -log(KL + FLOOR) instead, and its
+    confidence is measure.cost_confidence of the KL it predicts."""
 
-    def __init__(self, n_embd, hidden=HIDDEN, cost_scale=None):
+    def __init__(self, n_embd, hidden=HIDDEN, regress=False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_embd + 4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        self.cost_scale = cost_scale
+        self.regress = regress
 
     def score(self, logits, h, h_prev):
         cheap = torch.stack([f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)], -1)
@@ -46,9 +46,9 @@ class Router(nn.Module):
 
     def forward(self, logits, h, h_prev):
         s = self.score(logits, h, h_prev)
-        if self.cost_scale is None:
+        if not self.regress:
             return torch.sigmoid(s)
-        return cost_confidence((torch.exp(-s) - FLOOR).clamp(min=0), self.cost_scale)
+        return cost_confidence((torch.exp(-s) - FLOOR).clamp(min=0))
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
         for label, target in labels(same, gain, kl, epsilon).items():
             torch.manual_seed(seed + k)
             regress = label == "kl"  # a real target: it takes longer to fit than a 0/1 one
-            router = Router(model.config.n_embd, cost_scale=epsilon if regress else None).to(h.device)
+            router = Router(model.config.n_embd, regress=regress).to(h.device)
             out[label][k] = fit(router, logits, h, h_prev, target, regress=regress, epochs=30 if regress else 8, seed=seed)
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
@@ -120,7 +120,7 @@ def from_checkpoint(ckpt, device="cpu"):
     for label, by_exit in (saved or {}).get("state", {}).items():
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
-            router = Router(ckpt["config"]["n_embd"], saved["hidden"], saved["epsilon"] if label == "kl" else None)
+            router = Router(ckpt["config"]["n_embd"], saved["hidden"], regress=label == "kl")
             router.load_state_dict(state)
             out[f"router-{label}"][int(k)] = router.to(device).eval().requires_grad_(False)
     return out

@@ -5,7 +5,7 @@ last layer's (on the evaluation text), and the share of its greedy drafts the fu
 in generation (prompts from the evaluation text, drafts of K). No timing: every figure is exact and
 the same on every run at a given thread count.
 
-    python bench/acceptance.py big.pt big-ld.pt
+    python bench/acceptance.py big.pt big-ld2.pt big-ld5.pt
 """
 
 import sys

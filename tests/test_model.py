@@ -472,6 +472,8 @@ def test_layer_dropout_skips_deep_layers_per_sequence_at_rates_rising_with_depth
     assert 0 < skipped[1].sum() < 8 and loss.item() == pytest.approx(want.item(), rel=1e-5)
     model.eval()
     assert torch.equal(model(x)[0][3], make_model(exit_dropout=0.0)(x)[0][3])
+    with pytest.raises(ee.EEminiError, match="layer dropout 1.0 must lie in"):
+        make_model(layer_dropout=1.0)
 
 
 def test_a_cascade_leaves_at_the_first_confident_exit():

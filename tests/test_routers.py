@@ -53,7 +53,7 @@ def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
     torch.manual_seed(0)
     logits, h = torch.randn(2000, 7) * 2, torch.randn(2000, 8)
     target = -torch.log(1 - F.softmax(logits, -1).amax(-1) + routers.FLOOR)  # a cost that falls as confidence rises
-    router = routers.Router(8, hidden=16, cost_scale=0.1)
+    router = routers.Router(8, hidden=16, regress=True)
     before = F.mse_loss(router.score(logits, h, h), target).item()
     routers.fit(router, logits, h, h, target, regress=True, epochs=30, batch=256, lr=1e-2)
     after = F.mse_loss(router.score(logits, h, h), target).item()
@@ -61,3 +61,22 @@ def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
     kl = (torch.exp(-router.score(logits, h, h)) - routers.FLOOR).clamp(min=0)
     assert torch.allclose(router(logits, h, h), torch.exp(-kl / 0.1))
     assert measure.cost_confidence(torch.tensor(0.1 * math.log(1 / 0.9))).item() == pytest.approx(0.9)
+
+
+def test_routers_come_back_from_the_checkpoint_as_they_were_fitted():
+    """fit_routers -> to_checkpoint -> from_checkpoint: every label's router gives the same confidences,
+    the kl router still reading its score as a cost; a checkpoint from before the kl router (two labels,
+    64 wide) loads the routers it has."""
+    model = make_model()
+    ids = torch.randint(0, 23, (16 * 6 + 1,), generator=torch.Generator().manual_seed(1))
+    fitted = routers.fit_routers(model, ids)
+    saved = {"config": {"n_embd": 16}, "routers": routers.to_checkpoint(fitted, 0.1)}
+    loaded = routers.from_checkpoint(saved)
+    assert set(loaded) == {"router-consistency", "router-loss", "router-kl"} and loaded["router-kl"][1].regress
+    logits, h, h_prev = torch.randn(5, 23), torch.randn(5, 16), torch.randn(5, 16)
+    for label in routers.LABELS:
+        assert torch.equal(loaded[f"router-{label}"][1](logits, h, h_prev), fitted[label][1](logits, h, h_prev))
+    old = {label: {"1": routers.Router(16, hidden=64).state_dict()} for label in ("consistency", "loss")}
+    before = routers.from_checkpoint({"config": {"n_embd": 16}, "routers": {"epsilon": 0.1, "hidden": 64, "state": old}})
+    assert set(before) == {"router-consistency", "router-loss"}
+    assert 0 < before["router-loss"][1](logits, h, h_prev).min() <= before["router-loss"][1](logits, h, h_prev).max() < 1
