@@ -77,14 +77,14 @@ def labels(same, gain, kl, epsilon):
     return {"consistency": same.float(), "loss": (gain <= epsilon).float(), "kl": -torch.log(kl + FLOOR)}
 
 
-def fit(router, logits, h, h_prev, target, regress=False, epochs=8, batch=1024, lr=3e-3, seed=0):
-    """Binary cross-entropy of router(...) against a 0/1 target, or with regress the squared error of
-    its score against a real one; Adam, a few epochs."""
+def fit(router, logits, h, h_prev, target, epochs=8, batch=1024, lr=3e-3, seed=0):
+    """Binary cross-entropy of router(...) against a 0/1 target, or for a regressing router the squared
+    error of its score against a real one; Adam, a few epochs."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for i in torch.randperm(len(target), generator=gen).split(batch):
-            if regress:
+            if router.regress:
                 loss = F.mse_loss(router.score(logits[i], h[i], h_prev[i]), target[i])
             else:
                 loss = F.binary_cross_entropy(router(logits[i], h[i], h_prev[i]).clamp(1e-6, 1 - 1e-6), target[i])
@@ -102,7 +102,7 @@ def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
             torch.manual_seed(seed + k)
             regress = label == "kl"  # a real target: it takes longer to fit than a 0/1 one
             router = Router(model.config.n_embd, regress=regress).to(h.device)
-            out[label][k] = fit(router, logits, h, h_prev, target, regress=regress, epochs=30 if regress else 8, seed=seed)
+            out[label][k] = fit(router, logits, h, h_prev, target, epochs=30 if regress else 8, seed=seed)
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
     return out

@@ -47,7 +47,7 @@ def test_examples_and_labels_of_a_toy_model():
 
 
 def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
-    """fit(regress=True) fits the score to a real target (here a function of max softmax, which the
+    """fit() fits a regressing router's score to a real target (here a function of max softmax, which the
     router sees); the confidence is exp(-KL / cost_scale) of the KL the score stands for, e^-score -
     FLOOR."""
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
     target = -torch.log(1 - F.softmax(logits, -1).amax(-1) + routers.FLOOR)  # a cost that falls as confidence rises
     router = routers.Router(8, hidden=16, regress=True)
     before = F.mse_loss(router.score(logits, h, h), target).item()
-    routers.fit(router, logits, h, h, target, regress=True, epochs=30, batch=256, lr=1e-2)
+    routers.fit(router, logits, h, h, target, epochs=30, batch=256, lr=1e-2)
     after = F.mse_loss(router.score(logits, h, h), target).item()
     assert after < before / 10
     kl = (torch.exp(-router.score(logits, h, h)) - routers.FLOOR).clamp(min=0)
