@@ -476,6 +476,26 @@ def test_layer_dropout_skips_deep_layers_per_sequence_at_rates_rising_with_depth
         make_model(layer_dropout=1.0)
 
 
+def test_layer_dropout_beside_exit_dropout_keeps_a_state_when_either_says_so():
+    """Both at once: a token keeps its state through a layer if it was frozen at the exit or its
+    sequence skips the layer; only tokens not frozen are scored above the exit."""
+    model = make_model(exit_dropout=0.3, layer_dropout=0.6).train()
+    x, y = torch.randint(0, 23, (8, 16)), torch.randint(0, 23, (8, 16))
+    torch.manual_seed(7)
+    logits, loss = model(x, y)
+    torch.manual_seed(7)
+    h = model.transformer.h[0](model.embed(x))
+    exit_logits = model.head(1, h)
+    frozen = torch.rand(8, 16) < 0.3  # drawn after layer 1, the exit
+    for block, rate in zip(model.transformer.h[1:], (0.6 * (2 ** 0.5 - 1), 0.6)):
+        keep = frozen.unsqueeze(-1) | (torch.rand(8, 1, 1) < rate)
+        h = torch.where(keep, h, block(h))
+    want = 0.7 * F.cross_entropy(exit_logits.flatten(0, 1), y.flatten()) + 0.3 * F.cross_entropy(
+        model.head(3, h)[~frozen], y[~frozen])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(logits[3], model.head(3, h), atol=1e-6)  # the frozen tokens' states too
+
+
 def test_a_cascade_leaves_at_the_first_confident_exit():
     """Masked routing with exits after layers 1 and 2 of 4: each token's logits are those of the first
     exit whose confidence clears the threshold (per exit, or one for all), else the last layer's."""
