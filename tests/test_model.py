@@ -452,48 +452,32 @@ def test_exit_dropout_freezes_tokens_as_true_exit_would():
     assert plain(x, y)[1].item() == pytest.approx(F.cross_entropy(plain(x)[0][3].flatten(0, 1), y.flatten()).item())
 
 
-def test_layer_dropout_skips_deep_layers_per_sequence_at_rates_rising_with_depth():
+@pytest.mark.parametrize("exit_dropout", [0.0, 0.3])
+def test_layer_dropout_skips_deep_layers_per_sequence_at_rates_rising_with_depth(exit_dropout):
     """Training with layer dropout p: layer 1 is never skipped, layer 2 of 3 for a share p (2^0.5 - 1)
-    of the sequences, layer 3 for a share p; a skipped layer leaves the sequence's state as it was.
-    Evaluation never skips."""
-    model = make_model(exit_dropout=0.0, layer_dropout=0.6).train()
+    of the sequences, layer 3 for a share p. A token keeps its state through a layer if its sequence
+    skips it or (beside exit dropout) it was frozen at the exit; only tokens not frozen are scored
+    above the exit. Checked on every token's logits, not only the loss. Evaluation never skips."""
+    model = make_model(exit_dropout=exit_dropout, layer_dropout=0.6).train()
     x, y = torch.randint(0, 23, (8, 16)), torch.randint(0, 23, (8, 16))
     torch.manual_seed(5)
-    _, loss = model(x, y)
+    logits, loss = model(x, y)
     torch.manual_seed(5)
     h = model.transformer.h[0](model.embed(x))
     exit_logits = model.head(1, h)
+    frozen = torch.rand(8, 16) < exit_dropout if exit_dropout else torch.zeros(8, 16, dtype=torch.bool)  # after layer 1
     skipped = []
     for block, rate in zip(model.transformer.h[1:], (0.6 * (2 ** 0.5 - 1), 0.6)):
         skipped.append(torch.rand(8, 1, 1) < rate)
-        h = torch.where(skipped[-1], h, block(h))
+        h = torch.where(frozen.unsqueeze(-1) | skipped[-1], h, block(h))
     want = 0.7 * F.cross_entropy(exit_logits.flatten(0, 1), y.flatten()) + 0.3 * F.cross_entropy(
-        model.head(3, h).flatten(0, 1), y.flatten())
+        model.head(3, h)[~frozen], y[~frozen])
     assert 0 < skipped[1].sum() < 8 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(logits[3], model.head(3, h), atol=1e-6)  # the frozen and skipped tokens' states too
     model.eval()
     assert torch.equal(model(x)[0][3], make_model(exit_dropout=0.0)(x)[0][3])
     with pytest.raises(ee.EEminiError, match="layer dropout 1.0 must lie in"):
         make_model(layer_dropout=1.0)
-
-
-def test_layer_dropout_beside_exit_dropout_keeps_a_state_when_either_says_so():
-    """Both at once: a token keeps its state through a layer if it was frozen at the exit or its
-    sequence skips the layer; only tokens not frozen are scored above the exit."""
-    model = make_model(exit_dropout=0.3, layer_dropout=0.6).train()
-    x, y = torch.randint(0, 23, (8, 16)), torch.randint(0, 23, (8, 16))
-    torch.manual_seed(7)
-    logits, loss = model(x, y)
-    torch.manual_seed(7)
-    h = model.transformer.h[0](model.embed(x))
-    exit_logits = model.head(1, h)
-    frozen = torch.rand(8, 16) < 0.3  # drawn after layer 1, the exit
-    for block, rate in zip(model.transformer.h[1:], (0.6 * (2 ** 0.5 - 1), 0.6)):
-        keep = frozen.unsqueeze(-1) | (torch.rand(8, 1, 1) < rate)
-        h = torch.where(keep, h, block(h))
-    want = 0.7 * F.cross_entropy(exit_logits.flatten(0, 1), y.flatten()) + 0.3 * F.cross_entropy(
-        model.head(3, h)[~frozen], y[~frozen])
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert torch.allclose(logits[3], model.head(3, h), atol=1e-6)  # the frozen tokens' states too
 
 
 def test_a_cascade_leaves_at_the_first_confident_exit():
