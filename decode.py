@@ -23,6 +23,10 @@ cache then keeps one length per row):
           q_i(d_i)); greedy: d_i = argmax p_i), then one character from the full model: at the first
           refusal i from norm(max(0, p_i - q_i)), after K acceptances from p_K+1
   cut     every layer's cache back to the characters kept
+A row near the end of its context window may keep only the drafts that fit in it (then it is refilled);
+the others draft on, and its drafts past the window are computed in the cache's spare room and dropped.
+Without that, one row at its window's end would stop the whole batch drafting: at batch 128 half the
+cycles had no draft at all.
 
 [5] Elhoushi et al. 2024, LayerSkip. arXiv:2404.16710
 """
@@ -47,18 +51,20 @@ class KVCache:
     rows accept different numbers of characters (length is then a (B,) tensor). `pending` holds the
     frozen states of exited tokens whose K/V this layer has not written yet: computing it lazily,
     for a run of easy tokens at once when the next deep token arrives, gives the same numbers with
-    far fewer steps.
+    far fewer steps. `spare` slots past the context hold self-speculative drafts that a row drafts
+    beyond its window along with the others, and then drops.
     """
 
-    def __init__(self):
+    def __init__(self, spare=0):
         self.k = self.v = self.pending = None
+        self.spare = spare  # slots past the context: drafts a row will not keep (see cycle)
         self.length = 0  # tokens whose K/V is written (pending ones come after them): an int, or (B,)
 
     def append(self, k, v, block_size):  # k, v: (B, H, T, D) -> all keys and values so far
         if self.k is None:
             B, H, _, D = k.shape
-            self.k = k.new_zeros(B, H, block_size, D)  # zeros, not empty: a masked key still enters
-            self.v = v.new_zeros(B, H, block_size, D)  # q @ k, and a NaN left in memory would poison it
+            self.k = k.new_zeros(B, H, block_size + self.spare, D)  # zeros, not empty: a masked key still
+            self.v = v.new_zeros(B, H, block_size + self.spare, D)  # enters q @ k, and a NaN would poison it
         if isinstance(self.length, int):
             end = self.length + k.size(2)
             self.k[:, :, self.length:end] = k
@@ -102,8 +108,8 @@ class KVCache:
         self.length = int(length[0]) if (length == length[0]).all() else length
 
 
-def new_cache(n_layer):
-    return [KVCache() for _ in range(n_layer)]
+def new_cache(n_layer, spare=0):
+    return [KVCache(spare) for _ in range(n_layer)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,40 +195,51 @@ def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, to
     if draft_exit not in cfg.exits:
         raise EEminiError(f"layer {draft_exit} has no exit head to draft with; the model's exits are {cfg.exits}")
     target = idx.size(1) + max_new_tokens
-    rows, cache, starts = [r.tolist() for r in idx], new_cache(cfg.n_layer), [None] * idx.size(0)
+    spare = min(k, cfg.block_size) + 1  # drafts past a row's window: at most k, and the one verify adds
+    rows, cache, starts = [r.tolist() for r in idx], new_cache(cfg.n_layer, spare), [None] * idx.size(0)
     stats = Stats(len(rows))
     while min(map(len, rows)) < target:
         refill(model, cache, rows, starts)
-        steps, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
-                                temperature, top_k, generator)
-        stats.cycles, stats.drafted = stats.cycles + 1, stats.drafted + steps * len(rows)
+        drafted, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
+                                  temperature, top_k, generator)
+        stats.cycles, stats.drafted = stats.cycles + 1, stats.drafted + drafted
         stats.accepted, stats.emitted = stats.accepted + int(accepted.sum()), stats.emitted + int(accepted.sum()) + len(rows)
     return idx.new_tensor([r[:target] for r in rows]), stats
 
 
 def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None):
     """One draft-verify cycle over every row: each row gains its accepted drafts and one character
-    from the full model, and every layer's cache keeps just those. Returns the number of drafts
-    and (B,) how many each row accepted."""
+    from the full model, and every layer's cache keeps just those. Rows draft together, as far as
+    the row with most room in its window may and the cache's spare slots allow; a row keeps only
+    the drafts inside its own window. Returns the number of drafts rows could keep, summed over
+    rows, and (B,) how many each row accepted."""
     cfg, blocks = model.config, model.transformer.h
     device = cache_device(model)
     n = torch.tensor([len(r) for r in rows], device=device)  # each row predicts position n next
     cur = torch.tensor([r[-1:] for r in rows], device=device)  # (B, 1): the newest, not yet in the cache
-    steps = min(k, min(s + cfg.block_size - len(r) for s, r in zip(starts, rows)))  # stay in every window
+    room = torch.tensor(starts, device=device) + cfg.block_size - n  # drafts that stay in each row's window
+    steps = min(k, int(room.max()), int(room.min()) + cache[0].spare)  # past a row's window: in the spare room
     drafts, q, states = draft(model, cache, cur, steps, e, temperature, top_k, generator)
-    x = model.embed(drafts[-1] if drafts else cur, cache[0].length)  # the newest character ...
+    x = model.embed(drafts[-1] if drafts else cur, in_context(cache[0].length, cfg.block_size))  # the newest ...
     for i in range(e):
         x = blocks[i](x, None, cache[i])  # ... through layers 1..e
     x = torch.cat([*states, x], 1)  # (B, steps + 1, C): each position's state after layer e
     for i in range(e, cfg.n_layer):
         x = blocks[i](x, None, cache[i])
     p = token_probs(model.head(cfg.n_layer, x).flatten(0, 1), temperature, top_k).view(*x.shape[:2], -1)
-    new, accepted = accept(drafts, q, p, generator)
+    limit = room.clamp(max=steps)  # a row near its window's end keeps fewer: the rest it drafted, past it, is
+    new, accepted = accept(drafts, q, p, generator, limit)  # never looked at (computed in the cache's spare room)
     for r, chars in zip(rows, new):
         r.extend(chars)
     for c in cache:  # keep the cycle's input and its accepted drafts, in each row
         c.truncate(n - torch.tensor(starts, device=device) + accepted)
-    return steps, accepted
+    return int(limit.sum()), accepted
+
+
+def in_context(length, block_size):
+    """Where new characters' positions start, for model.embed: a row drafting past its window (into
+    the cache's spare slots, to be dropped) gets the context's last position instead of one past it."""
+    return length if isinstance(length, int) else length.clamp(max=block_size - 1)
 
 
 def draft(model, cache, cur, steps, e, temperature, top_k, generator):
@@ -231,7 +248,7 @@ def draft(model, cache, cur, steps, e, temperature, top_k, generator):
     [(B, 1)], their distributions q [(B, V)] and the kept states [(B, 1, C)]."""
     drafts, q, states, x_in = [], [], [], cur
     for _ in range(steps):
-        x = model.embed(x_in, cache[0].length)
+        x = model.embed(x_in, in_context(cache[0].length, model.config.block_size))
         for i, block in enumerate(model.transformer.h[:e]):
             x = block(x, None, cache[i])
         states.append(x)
@@ -241,22 +258,25 @@ def draft(model, cache, cur, steps, e, temperature, top_k, generator):
     return drafts, q, states
 
 
-def accept(drafts, q, p, generator):
+def accept(drafts, q, p, generator, limit=None):
     """Per row: the characters this cycle emits (the accepted drafts, then one from the full model)
-    and how many drafts were accepted. p: (B, steps + 1, V), the full model's distributions."""
+    and how many drafts were accepted. p: (B, steps + 1, V), the full model's distributions; limit
+    (B,): how many of its drafts a row may keep (default all)."""
     B, steps = p.size(0), len(drafts)
+    limit = torch.full((B,), steps, device=p.device) if limit is None else limit
     accepted = torch.zeros(B, dtype=torch.long, device=p.device)
     if steps:
         d = torch.cat(drafts, 1)  # (B, steps)
         pd = p[:, :steps].gather(2, d.unsqueeze(-1)).squeeze(-1)  # p_i(d_i)
         qd = torch.stack(q, 1).gather(2, d.unsqueeze(-1)).squeeze(-1)  # q_i(d_i) > 0: d_i was drawn from q_i
         u = torch.rand(B, steps, generator=generator, device=p.device)
-        accepted = (u * qd < pd).long().cumprod(1).sum(1)  # P(accept) = min(1, p / q); the leading run
+        ok = (u * qd < pd) & (torch.arange(steps, device=p.device) < limit.unsqueeze(1))
+        accepted = ok.long().cumprod(1).sum(1)  # P(accept) = min(1, p / q); the leading run
     first = p[torch.arange(B), accepted]  # the full model's distribution where each row stopped
     if steps:  # refused at position a: draw from what p has beyond q (all of p where they do not overlap)
         q_a = torch.stack(q, 1)[torch.arange(B), accepted.clamp(max=steps - 1)]
         rest = (first - q_a).clamp(min=0)
-        use = (accepted < steps) & (rest.sum(-1) > 0)
+        use = (accepted < limit) & (rest.sum(-1) > 0)  # a row that kept all it may: from p as it is
         first = torch.where(use.unsqueeze(-1), rest / rest.sum(-1, keepdim=True).clamp(min=1e-30), first)
     nxt = torch.multinomial(first, 1, generator=generator)  # (B, 1)
     d = torch.cat([*drafts, nxt], 1).tolist() if drafts else nxt.tolist()
@@ -274,7 +294,7 @@ def refill(model, cache, rows, starts):
             starts[b] = s
             due.setdefault(len(r) - 1 - s, []).append(b)
     for length, batch in due.items():
-        fresh = new_cache(model.config.n_layer)
+        fresh = new_cache(model.config.n_layer, cache[0].spare)
         if length:
             x = model.embed(torch.tensor([rows[b][starts[b]:-1] for b in batch], device=device))
             for block, c in zip(model.transformer.h, fresh):

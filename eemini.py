@@ -99,11 +99,12 @@ ROPE = ("rope", "learned")
 
 
 def rotary_tables(cfg):
-    """RoPE's turns as unit complex numbers, (block_size, head_size / 2): position p turns the pair
+    """RoPE's turns as unit complex numbers, (2 * block_size, head_size / 2), twice the context for the
+    drafts that self-speculative decoding computes past a row's window and drops: position p turns the pair
     (2i, 2i+1) of a head's query and key by the angle p * 10000^(-2i / head_size), so that a query
     and a key score by their offset alone · Su et al. 2021, arXiv:2104.09864."""
     hs = cfg.n_embd // cfg.n_head
-    angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
+    angles = torch.outer(torch.arange(2 * cfg.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
     return torch.polar(torch.ones_like(angles), angles)
 
 

@@ -167,3 +167,42 @@ def test_cache_storage_past_a_rows_length_holds_no_garbage():
     fresh = decode.KVCache()
     fresh.set_rows(torch.tensor([1]), other, batch=2)
     assert torch.equal(fresh.k[0], torch.zeros(1, 8, 4)) and torch.equal(fresh.k[1, :, :3], k[0])
+
+
+def test_a_row_at_its_windows_end_keeps_fewer_drafts_while_the_others_draft_on():
+    """Row 0 stands at the end of its context window (it may keep no draft), row 1 has room for ten.
+    With spare room in the cache row 1 drafts and keeps all four (the draft is the full model), row 0
+    keeps none and takes its one character from the full model; without, neither drafts. Either way
+    each row goes on to be what full-depth decoding gives it alone."""
+    model = full_model_as_draft(model64(), 2)
+    prompts = [torch.randint(0, 23, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (16, 6)]
+    for spare, want in ((5, [0, 4]), (0, [0, 0])):
+        rows, cache, starts = [list(p) for p in prompts], decode.new_cache(4, spare), [None, None]
+        decode.refill(model, cache, rows, starts)
+        drafted, accepted = decode.cycle(model, cache, rows, starts, 2, 4, temperature=0)
+        assert accepted.tolist() == want and drafted == sum(want)
+        assert [len(r) for r in rows] == [17, 6 + want[1] + 1]
+        for _ in range(5):
+            decode.refill(model, cache, rows, starts)
+            decode.cycle(model, cache, rows, starts, 2, 4, temperature=0)
+        for p, r in zip(prompts, rows):
+            alone, _ = decode.generate(model, torch.tensor([p]), len(r) - len(p), 1.0, temperature=0)
+            assert alone[0].tolist() == r
+
+
+def test_sampling_at_a_windows_end_draws_the_full_models_distribution():
+    """Half the rows stand one character before their window's end, so each keeps at most one of its
+    two drafts while the other half keep both: after an accepted first draft, the second character
+    must come from the full model as it is, not from what it has beyond the (dropped) second draft."""
+    torch.manual_seed(0)
+    model = model64(vocab_size=5, n_layer=3, exits=[1])
+    short, end = [1, 3, 0], [2, 4, 1, 0, 3, 3, 2, 1, 0, 4, 4, 1, 2, 0, 3]  # room 13 and room 1 (block 16)
+    rows, cache, starts = [list(short) for _ in range(3000)] + [list(end) for _ in range(3000)], decode.new_cache(3, 3), [None] * 6000
+    gen = torch.Generator().manual_seed(1)
+    while min(len(r) for r in rows[3000:]) < len(end) + 2:
+        decode.refill(model, cache, rows, starts)
+        decode.cycle(model, cache, rows, starts, 1, 2, 1.0, generator=gen)
+    counts = torch.zeros(5, 5, dtype=torch.float64)
+    for r in rows[3000:]:
+        counts[r[len(end)], r[len(end) + 1]] += 1
+    assert chi_square_p(counts.flatten(), exact_two_characters(model, torch.tensor([end]), 1.0).flatten()) > 1e-3
