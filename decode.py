@@ -143,7 +143,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=None,
              confidence="softmax", generator=None, whole_batch=False):
     """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
@@ -186,7 +186,7 @@ class Stats:
         return self.emitted / max(1, self.cycles * self.rows)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
     """max_new_tokens characters after idx (B, T), each distributed exactly as model.generate at full
     depth would draw it, from drafts of up to k characters by the exit after layer draft_exit.

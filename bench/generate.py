@@ -65,7 +65,7 @@ def fastest_draft(model, prompt, new, lengths, device):
     return min(runs, key=runs.get)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as decode's generation runs
 def layer_cost(model, prompt, widths, device, calls=100):
     """Seconds of one call of the last layer over n new characters after the prompt's, cached, for each
     n in widths: what self-speculative decoding's verify pass pays per layer for K + 1 characters, against

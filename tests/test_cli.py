@@ -19,7 +19,7 @@ from conftest import TINY_TRAIN, cli_error
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "sweep.py", "sample.py", "exit_classifier.py", "reproduce.py", "docs.py",
            "bench/train_step.py", "bench/sweep_speed.py", "bench/generate.py", "bench/ablation.py", "bench/exit_gap.py",
-           "bench/exit_layers.py", "bench/acceptance.py"]
+           "bench/exit_layers.py", "bench/acceptance.py", "bench/router_data.py"]
 
 
 def run(script, *argv):
@@ -88,6 +88,13 @@ def test_acceptance_benchmark_prints_what_decoding_accepts(trained, capsys):
     _, spec = decode.speculative(model, prompt, 12, 1, 3, temperature=0)
     assert row[2:6] == ["1", f"{measure.ppl(stats['ce'][1]):.3f}",
                         f"{100 * (stats['top'][1] == stats['top'][3]).float().mean():.1f}%", f"{100 * spec.acceptance:.1f}%"]
+
+
+def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
+    module = load("bench/router_data.py")
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--skip", "500", "--device", "cpu"])
+    assert msg == ("error: --skip 500 would train routers on the scored valid text; give --skip at least "
+                   "--val-chars (1,000; 0 scores the whole split)")
 
 
 def test_exit_classifier_runs(wiki_folder, tmp_path):

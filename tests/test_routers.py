@@ -80,3 +80,23 @@ def test_routers_come_back_from_the_checkpoint_as_they_were_fitted():
     before = routers.from_checkpoint({"config": {"n_embd": 16}, "routers": {"epsilon": 0.1, "hidden": 64, "state": old}})
     assert set(before) == {"router-consistency", "router-loss"}
     assert 0 < before["router-loss"][1](logits, h, h_prev).min() <= before["router-loss"][1](logits, h, h_prev).max() < 1
+
+
+def test_router_data_benchmark_reads_a_perfect_order_as_the_oracle_and_a_reversed_one_as_nothing():
+    """bench/router_data.py ranks a router's scores into confidences: routing by each character's own
+    loss difference (hindsight) is the oracle, so it reaches all of the oracle's saving up to the
+    threshold grid; the reverse order sends the exit's best characters deep and saves nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "router_data.py"
+    spec = importlib.util.spec_from_file_location("router_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = make_model()
+    stats = measure.token_stats(model, torch.randint(0, 23, (16 * 40 + 1,), generator=torch.Generator().manual_seed(0)))
+    gain = torch.rand(640, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 0.5  # mostly worse
+    stats["ce"][1] = stats["ce"][3] + gain
+    cfg, oracle, full = model.config, measure.Oracle(stats, model.config), measure.ppl(stats["ce"][3])
+    assert all(s >= 0.99 for s in bench.share(stats, cfg, -gain, oracle, full))
+    assert all(s < 0.05 for s in bench.share(stats, cfg, gain, oracle, full))
