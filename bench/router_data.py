@@ -1,0 +1,87 @@
+"""
+How a learned router's share of the oracle grows with the characters it learns from, for two
+targets side by side: the kl router's, log KL(last layer || exit) (little noise, but never negative),
+and the realised loss difference CE_exit - CE_last (noisy, but signed: it can learn where the exit
+beats the last layer, which a KL cannot say). An experiment, not a recipe: the train split holds only
+about 42,000 characters past the million the quick start trains on, so the larger slices come from
+the valid split after --skip characters, well past the part that is scored; sweep.py's routers
+never see valid text.
+
+    python bench/router_data.py ckpt.pt --sizes 40000,100000,200000,400000,600000
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint as ck  # noqa: E402
+import cli  # noqa: E402
+import measure  # noqa: E402
+import routers as learned  # noqa: E402
+from data import held_out, read_split  # noqa: E402
+from eemini import EEminiError  # noqa: E402
+from report import md  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = cli.Parser(__doc__)
+    p.add_argument("checkpoint", help="a checkpoint written by train.py, with one exit")
+    cli.add_data(p, from_checkpoint=True)
+    p.add_argument("--sizes", type=cli.comma_list(cli.number(int, 1000)), default=[40_000, 100_000, 200_000, 400_000],
+                   help="characters each router learns from, comma list")
+    p.add_argument("--skip", type=cli.number(int, 0), default=200_000, help="valid characters left out before the "
+                   "routers' slices begin (must be at least --val-chars, the scored part)")
+    cli.add_eval_batch_size(p)
+    cli.add_device(p)
+    return p.parse_args(argv)
+
+
+def share(stats, cfg, score, oracle, full):
+    """The oracle shares (+1%, +2%) of routing by score (higher leaves sooner). The scores are ranked
+    into confidences, so the thresholds are evenly spaced in characters and only the order counts."""
+    conf = score.argsort().argsort().double() / len(score)
+    rows = measure.fine_sweep({**stats, "conf": {"score": {cfg.exits[0]: conf}}}, cfg, "score")
+    return [measure.oracle_fraction(rows, full, b, oracle)[2] for b in (1, 2)]
+
+
+def main(args):
+    device = cli.pick_device(args.device, args.threads)
+    ckpt = ck.load_checkpoint(args.checkpoint, device)
+    model, vocab = ck.model_from_checkpoint(ckpt, device)
+    cfg = model.config
+    if len(cfg.exits) != 1:
+        raise EEminiError(f"{args.checkpoint} has exits {cfg.exits}; this experiment takes a model with one exit")
+    trained = ckpt.get("args") or {}
+    data = args.data if args.data is not None else trained.get("data", "")
+    scored_chars = args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000)
+    if args.split == "valid" and not 0 < scored_chars <= args.skip:
+        raise EEminiError(f"--skip {args.skip:,} would train routers on the scored valid text; give --skip at "
+                          f"least --val-chars ({scored_chars:,}; 0 scores the whole split)")
+    ids, source = ck.eval_text(args, ckpt, vocab)
+    stats = measure.token_stats(model, ids, args.eval_batch_size, device)
+    oracle, full, k = measure.Oracle(stats, cfg), measure.ppl(stats["ce"][cfg.n_layer]), cfg.exits[0]
+    scored = learned.exit_examples(model, ids, args.eval_batch_size, device)[k][:3]  # the same tokens as stats
+    slices = [("train split, held out", held_out(data, trained.get("train_chars", 0), max(args.sizes), vocab))]
+    valid = read_split(data, "valid")[0][args.skip : args.skip + max(args.sizes)]
+    slices.append(("valid split, past --skip", vocab.encode(valid)))
+    rows = [["(every layer run) KL itself", "", *(f"{100 * s:.0f}%" for s in share(stats, cfg, -stats["kl"][k], oracle, full))]]
+    for where, text in slices:
+        for n in [n for n in args.sizes if n <= len(text)]:
+            logits, h, h_prev, _, gain, kl = learned.exit_examples(model, text[:n], args.eval_batch_size, device)[k]
+            epochs = max(4, math.ceil(30 * 40_000 / n))  # about as many steps at every size
+            for target, y in (("log KL", -torch.log(kl + learned.FLOOR)), ("loss difference", -gain)):
+                torch.manual_seed(k)
+                router = learned.Router(cfg.n_embd, regress=True).to(h.device)
+                learned.fit(router, logits, h, h_prev, y, epochs=epochs)
+                s = share(stats, cfg, router.score(*scored).cpu(), oracle, full)
+                rows.append([f"{target}, {where}", f"{len(logits):,}", *(f"{100 * x:.0f}%" for x in s)])
+                print(f"  {rows[-1][0]}: {rows[-1][1]} characters, {rows[-1][2]} at +1%", file=sys.stderr, flush=True)
+    print("\n".join(md(["Router target, learned from", "Characters", "Share of oracle (+1%)", "Share (+2%)"], rows)))
+    print(f"scored on {source}; full depth PPL {full:.3f}; one seed a row (seeds move a share by about 3 points)")
+
+
+if __name__ == "__main__":
+    cli.run_cli(main, parse_args)
