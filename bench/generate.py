@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    "(default: the median exit confidence on the text, so that about half the characters exit)")
     p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1)), default=[2, 3, 4, 6],
                    help="speculative drafts to try; the fastest (with the best draft exit) is timed")
+    p.add_argument("--draft-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
+                   help="exits to try drafting with, comma list (default: every trained exit)")
     cli.add_device(p)
     return p.parse_args(argv)
 
@@ -57,11 +59,11 @@ def methods(model, tau, spec):
             f"self-speculative (exit {e}, K={k})": lambda x, n: decode.speculative(model, x, n, e, k, temperature=0)}
 
 
-def fastest_draft(model, prompt, new, lengths, device):
+def fastest_draft(model, prompt, new, exits, lengths, device):
     """The (draft exit, K) with the most tokens/s, the best of two short runs each (chosen before the
     timed rounds; one run alone let a noisy moment pick a slow draft)."""
     runs = {(e, k): min(timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0), device)[0]
-                        for _ in range(2)) for e in model.config.trained_exits for k in lengths}
+                        for _ in range(2)) for e in exits for k in lengths}
     return min(runs, key=runs.get)
 
 
@@ -94,6 +96,10 @@ def main(args):
     cfg = model.config
     if not cfg.trained_exits:
         raise ee.EEminiError(f"{args.checkpoint} has no trained exit to benchmark")
+    exits = args.draft_exits or cfg.trained_exits
+    if not set(exits) <= set(cfg.trained_exits):
+        raise ee.EEminiError(f"--draft-exits {','.join(map(str, exits))}: {args.checkpoint}'s trained exits are "
+                             f"{cfg.trained_exits}; draft with those")
     val, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, val, 64, device)
     tau = args.threshold if args.threshold is not None else round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)
@@ -106,7 +112,7 @@ def main(args):
     costs = {}
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
-        spec = fastest_draft(model, prompt, args.new_tokens, args.draft_lengths, device)
+        spec = fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, device)
         runs = methods(model, tau, spec)
         secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up

@@ -7,7 +7,7 @@ about 42,000 characters past the million the quick start trains on, so the large
 the valid split after --skip characters, well past the part that is scored; sweep.py's routers
 never see valid text.
 
-    python bench/router_data.py ckpt.pt --sizes 40000,100000,200000,400000,600000
+    python bench/router_data.py ckpt.pt
 """
 
 import math
@@ -30,8 +30,10 @@ def parse_args(argv=None):
     p = cli.Parser(__doc__)
     p.add_argument("checkpoint", help="a checkpoint written by train.py, with one exit")
     cli.add_data(p, from_checkpoint=True)
-    p.add_argument("--sizes", type=cli.comma_list(cli.number(int, 1000)), default=[40_000, 100_000, 200_000, 400_000],
+    p.add_argument("--sizes", type=cli.comma_list(cli.number(int, 1000)), default=[40_000, 100_000, 200_000, 400_000, 600_000],
                    help="characters each router learns from, comma list")
+    p.add_argument("--seeds", type=cli.number(int, 1), default=3, help="routers fitted a row, each from its own "
+                   "seed (a share moves by several points from seed to seed)")
     p.add_argument("--skip", type=cli.number(int, 0), default=200_000, help="valid characters left out before the "
                    "routers' slices begin (must be at least --val-chars, the scored part)")
     cli.add_eval_batch_size(p)
@@ -45,6 +47,12 @@ def share(stats, cfg, score, oracle, full):
     conf = score.argsort().argsort().double() / len(score)
     rows = measure.fine_sweep({**stats, "conf": {"score": {cfg.exits[0]: conf}}}, cfg, "score")
     return [measure.oracle_fraction(rows, full, b, oracle)[2] for b in (1, 2)]
+
+
+def spread(xs):
+    """'45% (40-51)': the mean share over seeds, and its range."""
+    xs = [100 * x for x in xs]
+    return f"{sum(xs) / len(xs):.0f}%" + (f" ({min(xs):.0f}-{max(xs):.0f})" if len(xs) > 1 else "")
 
 
 def main(args):
@@ -67,20 +75,22 @@ def main(args):
     slices = [("train split, held out", held_out(data, trained.get("train_chars", 0), max(args.sizes), vocab))]
     valid = read_split(data, "valid")[0][args.skip : args.skip + max(args.sizes)]
     slices.append(("valid split, past --skip", vocab.encode(valid)))
-    rows = [["(every layer run) KL itself", "", *(f"{100 * s:.0f}%" for s in share(stats, cfg, -stats["kl"][k], oracle, full))]]
+    rows = [["(every layer run) KL itself", "", *map(spread, zip(share(stats, cfg, -stats["kl"][k], oracle, full)))]]
     for where, text in slices:
         for n in [n for n in args.sizes if n <= len(text)]:
             logits, h, h_prev, _, gain, kl = learned.exit_examples(model, text[:n], args.eval_batch_size, device)[k]
             epochs = max(4, math.ceil(30 * 40_000 / n))  # about as many steps at every size
             for target, y in (("log KL", -torch.log(kl + learned.FLOOR)), ("loss difference", -gain)):
-                torch.manual_seed(k)
-                router = learned.Router(cfg.n_embd, regress=True).to(h.device)
-                learned.fit(router, logits, h, h_prev, y, epochs=epochs)
-                s = share(stats, cfg, router.score(*scored).cpu(), oracle, full)
-                rows.append([f"{target}, {where}", f"{len(logits):,}", *(f"{100 * x:.0f}%" for x in s)])
+                shares = []
+                for seed in range(args.seeds):
+                    torch.manual_seed(seed)
+                    router = learned.Router(cfg.n_embd, regress=True).to(h.device)
+                    learned.fit(router, logits, h, h_prev, y, epochs=epochs, seed=seed)
+                    shares.append(share(stats, cfg, router.score(*scored).cpu(), oracle, full))
+                rows.append([f"{target}, {where}", f"{len(logits):,}", *map(spread, zip(*shares))])
                 print(f"  {rows[-1][0]}: {rows[-1][1]} characters, {rows[-1][2]} at +1%", file=sys.stderr, flush=True)
     print("\n".join(md(["Router target, learned from", "Characters", "Share of oracle (+1%)", "Share (+2%)"], rows)))
-    print(f"scored on {source}; full depth PPL {full:.3f}; one seed a row (seeds move a share by about 3 points)")
+    print(f"scored on {source}; full depth PPL {full:.3f}; each share the mean over {args.seeds} seeds (lowest-highest)")
 
 
 if __name__ == "__main__":
