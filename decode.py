@@ -148,7 +148,7 @@ def generate(model, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=N
              confidence="softmax", generator=None, whole_batch=False):
     """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
     0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
-    (B, new). The context of each character is window(position): the cache is rebuilt from
+    (B, new), made under torch.inference_mode (.clone() them to use them where autograd runs). The context of each character is window(position): the cache is rebuilt from
     the window's text when it moves on."""
     cache, start, depths = None, None, []
     for _ in range(max_new_tokens):
@@ -190,12 +190,13 @@ class Stats:
 def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
     """max_new_tokens characters after idx (B, T), each distributed exactly as model.generate at full
     depth would draw it, from drafts of up to k characters by the exit after layer draft_exit.
-    Returns the ids (B, T + max_new_tokens) and a Stats."""
+    Returns the ids (B, T + max_new_tokens), made under torch.inference_mode as generate's are, and a
+    Stats."""
     cfg = model.config
     if draft_exit not in cfg.exits:
         raise EEminiError(f"layer {draft_exit} has no exit head to draft with; the model's exits are {cfg.exits}")
     target = idx.size(1) + max_new_tokens
-    spare = min(k, cfg.block_size) + 1  # drafts past a row's window: at most k, and the one verify adds
+    spare = min(k, cfg.block_size - 1)  # a row at its window's end may compute every draft past it
     rows, cache, starts = [r.tolist() for r in idx], new_cache(cfg.n_layer, spare), [None] * idx.size(0)
     stats = Stats(len(rows))
     while min(map(len, rows)) < target:

@@ -30,9 +30,12 @@ def model64(depth=2.5, **kw):
     return model
 
 
-@pytest.mark.parametrize("draft_exit, k", [(1, 1), (2, 3), (1, 6)])
-def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k):
-    model = model64()
+@pytest.mark.parametrize("draft_exit, k, pos", [(1, 1, "rope"), (2, 3, "rope"), (1, 6, "rope"), (1, 6, "learned"),
+                                                (2, 20, "learned")])
+def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k, pos):
+    """Rows drift apart, so near a refill some draft past their window (into spare cache slots) while
+    others keep their drafts; learned positions must then be clamped, and k may exceed the context."""
+    model = model64(pos=pos)
     prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(k))
     want, _ = decode.generate(model, prompt, 60, threshold=1.0, temperature=0)  # block 16: refills at 17, 25, 33, ...
     got, stats = decode.speculative(model, prompt, 60, draft_exit, k, temperature=0)
