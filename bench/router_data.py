@@ -65,9 +65,12 @@ def main(args):
     trained = ckpt.get("args") or {}
     data = args.data if args.data is not None else trained.get("data", "")
     scored_chars = args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000)
-    if args.split == "valid" and not 0 < scored_chars <= args.skip:
+    if args.split == "valid" and scored_chars == 0:
+        raise EEminiError("--val-chars 0 scores the whole valid split, which leaves no valid text to learn from; "
+                          "give --val-chars N (and --skip at least N), or --split test")
+    if args.split == "valid" and scored_chars > args.skip:
         raise EEminiError(f"--skip {args.skip:,} would train routers on the scored valid text; give --skip at "
-                          f"least --val-chars ({scored_chars:,}; 0 scores the whole split)")
+                          f"least --val-chars ({scored_chars:,})")
     ids, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, ids, args.eval_batch_size, device)
     oracle, full, k = measure.Oracle(stats, cfg), measure.ppl(stats["ce"][cfg.n_layer]), cfg.exits[0]

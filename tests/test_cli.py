@@ -99,8 +99,9 @@ def test_generate_benchmark_drafts_only_with_a_trained_exit(trained):
 def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
     module = load("bench/router_data.py")
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--skip", "500", "--device", "cpu"])
-    assert msg == ("error: --skip 500 would train routers on the scored valid text; give --skip at least "
-                   "--val-chars (1,000; 0 scores the whole split)")
+    assert msg == "error: --skip 500 would train routers on the scored valid text; give --skip at least --val-chars (1,000)"
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--val-chars", "0", "--device", "cpu"])
+    assert msg.startswith("error: --val-chars 0 scores the whole valid split")
 
 
 def test_exit_classifier_runs(wiki_folder, tmp_path):
