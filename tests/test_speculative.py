@@ -209,3 +209,14 @@ def test_sampling_at_a_windows_end_draws_the_full_models_distribution():
     for r in rows[3000:]:
         counts[r[len(end)], r[len(end) + 1]] += 1
     assert chi_square_p(counts.flatten(), exact_two_characters(model, torch.tensor([end]), 1.0).flatten()) > 1e-3
+
+
+def test_a_batch_takes_no_more_cycles_than_its_slowest_row_alone():
+    """A row in a batch keeps at least the drafts it would keep alone (the others' windows never cut
+    its draft short), so the batch finishes within the cycles its slowest row needs by itself. Rows
+    drift apart here and cross three context refills."""
+    model = model64()
+    prompt = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(4))
+    _, batch = decode.speculative(model, prompt, 60, 1, 4, temperature=0)
+    alone = [decode.speculative(model, prompt[b : b + 1], 60, 1, 4, temperature=0)[1].cycles for b in range(4)]
+    assert len(set(alone)) > 1 and batch.cycles <= max(alone)
