@@ -24,7 +24,7 @@ cache then keeps one length per row):
           refusal i from norm(max(0, p_i - q_i)), after K acceptances from p_K+1
   cut     every layer's cache back to the characters kept
 A row near the end of its context window may keep only the drafts that fit in it (then it is refilled);
-the others draft on, and its drafts past the window are computed in the cache's spare room and dropped.
+the others draft on, and its drafts past the window are computed in the cache's spare slots and dropped.
 Without that, one row at its window's end would stop the whole batch drafting: at batch 128 half the
 cycles had no draft at all.
 
@@ -148,8 +148,9 @@ def generate(model, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=N
              confidence="softmax", generator=None, whole_batch=False):
     """Sample max_new_tokens after idx (B, T) with a KV cache and true early exit; temperature
     0 is greedy. Returns the ids (B, T + new) and, per new token, the layer that produced it
-    (B, new), made under torch.inference_mode (.clone() them to use them where autograd runs). The context of each character is window(position): the cache is rebuilt from
-    the window's text when it moves on."""
+    (B, new), made under torch.inference_mode (.clone() them to use them where autograd runs). The
+    context of each character is window(position): the cache is rebuilt from the window's text when
+    it moves on."""
     cache, start, depths = None, None, []
     for _ in range(max_new_tokens):
         s = window(idx.size(1), model.config.block_size)
@@ -218,8 +219,9 @@ def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generat
     device = cache_device(model)
     n = torch.tensor([len(r) for r in rows], device=device)  # each row predicts position n next
     cur = torch.tensor([r[-1:] for r in rows], device=device)  # (B, 1): the newest, not yet in the cache
-    room = torch.tensor(starts, device=device) + cfg.block_size - n  # drafts that stay in each row's window
-    steps = min(k, int(room.max()), int(room.min()) + cache[0].spare)  # past a row's window: in the spare room
+    start = torch.tensor(starts, device=device)  # where each row's context window begins
+    room = start + cfg.block_size - n  # drafts that stay in each row's window
+    steps = min(k, int(room.max()), int(room.min()) + cache[0].spare)  # past a row's window: in the spare slots
     drafts, q, states = draft(model, cache, cur, steps, e, temperature, top_k, generator)
     x = model.embed(drafts[-1] if drafts else cur, in_context(cache[0].length, cfg.block_size))  # the newest ...
     for i in range(e):
@@ -229,11 +231,11 @@ def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generat
         x = blocks[i](x, None, cache[i])
     p = token_probs(model.head(cfg.n_layer, x).flatten(0, 1), temperature, top_k).view(*x.shape[:2], -1)
     limit = room.clamp(max=steps)  # a row near its window's end keeps fewer: the rest it drafted, past it, is
-    new, accepted = accept(drafts, q, p, generator, limit)  # never looked at (computed in the cache's spare room)
+    new, accepted = accept(drafts, q, p, generator, limit)  # never looked at (computed in the spare slots)
     for r, chars in zip(rows, new):
         r.extend(chars)
     for c in cache:  # keep the cycle's input and its accepted drafts, in each row
-        c.truncate(n - torch.tensor(starts, device=device) + accepted)
+        c.truncate(n - start + accepted)
     return int(limit.sum()), accepted
 
 
