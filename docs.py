@@ -10,8 +10,8 @@ last `...` leaves the rest out). What
 changes from run to run is masked before comparing: timings, tokens/s, memory, where the data lives.
 `<!-- output: NAME timing -->` marks a block of timings (benchmarks): run only with --timing, and
 never counted as differing; `slow` marks one that takes long (several trainings): run only with
---slow. The figures are exact only on the machine and thread count they were made with; the README
-says which.
+--slow; in those a training whose checkpoint is already beside the README is not run again. The
+figures are exact only on the machine and thread count they were made with; the README says which.
 
     python docs.py --cheap                 # seconds: every README command parses, quoted tables agree
     python docs.py                         # minutes: re-run each quoted block, report which differ
@@ -122,13 +122,20 @@ def excerpt(expected, actual):
     return out
 
 
-def run_command(command, cwd):
+def run_command(command, cwd, keep=False):
     """Run one README command (python SCRIPT ARGS) in cwd: relative paths that exist beside this
     file, and not in cwd, are taken from here (a file named plainly, such as ckpt.pt, is linked into
-    cwd, so that the output names it as the README does). Returns its output lines."""
+    cwd, so that the output names it as the README does). With keep (a slow block), a training whose
+    --out checkpoint exists beside this file is not run again: the checkpoint is used as it is.
+    Returns its output lines."""
     argv = shlex.split(command)
     if argv[0] != "python":
         raise EEminiError(f"a quoted command must start with python: {command}")
+    out = argv[argv.index("--out") + 1] if argv[1] == "train.py" and "--out" in argv[:-1] else None
+    if keep and out and "/" not in out and (ROOT / out).is_file() and not (cwd / out).exists():
+        (cwd / out).symlink_to(ROOT / out)
+        print(f"  kept {out}, trained before (delete it to train it again)")
+        return []
     args = []
     for a in argv[2:]:
         here = ROOT / a
@@ -227,7 +234,7 @@ def main(args):
         for name, flags, start, end in blocks:  # in file order: a block may use what an earlier one wrote
             t0, written, timing = time.time(), [], "timing" in flags
             for command, expected in commands(lines[start:end]):
-                actual = excerpt(expected, run_command(command, Path(scratch)))
+                actual = excerpt(expected, run_command(command, Path(scratch), keep="slow" in flags))
                 same = actual is not None and [mask(a) for a in actual] == [mask(e) for e in expected]
                 if not same and not timing:
                     differ.append(name)

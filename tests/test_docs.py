@@ -4,8 +4,11 @@ cheap check CI runs on the real README: every command in it parses, its tables a
 Run: python -m pytest tests/test_docs.py -q
 """
 
+import pytest
+
 import docs
 from conftest import TINY_TRAIN, tiny_text
+from eemini import EEminiError
 
 QUOTED = """Some text.
 
@@ -51,3 +54,20 @@ def test_a_block_is_rerun_compared_and_rewritten(tmp_path, capsys):
 def test_the_readme_commands_parse_and_its_tables_agree_with_results(capsys):
     """What CI checks without training anything."""
     assert docs.main(docs.parse_args(["--cheap"])) == [], capsys.readouterr().out
+
+
+def test_a_slow_block_keeps_a_checkpoint_trained_before(tmp_path, monkeypatch, capsys):
+    """In a slow block, a training whose --out is already beside the README is not run again (it would
+    take long); what follows it reads that checkpoint. Anywhere else the training runs."""
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    (tmp_path / "k.pt").write_bytes(b"12345")
+    (tmp_path / "size.py").write_text("import os, sys\ndef parse_args(argv):\n    return argv\n"
+                                      "if __name__ == '__main__':\n    print(sys.argv[1], os.path.getsize(sys.argv[1]))\n")
+    block = "```\n$ python train.py --data nowhere --out k.pt\n...\n$ python size.py k.pt\nk.pt 5\n```\n"
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- output: again slow -->\n" + block)
+    assert docs.main(docs.parse_args(["--readme", str(readme), "--slow"])) == []
+    assert "kept k.pt, trained before" in capsys.readouterr().out
+    readme.write_text("<!-- output: again -->\n" + block)
+    with pytest.raises(EEminiError, match="train.py --data nowhere --out k.pt` failed"):
+        docs.main(docs.parse_args(["--readme", str(readme)]))
