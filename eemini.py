@@ -312,9 +312,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions(start, T, idx.device))
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, weights=None):
         """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
-        sum_k w_k CE(layer k) over config.loss_weights (then only the weighted heads are computed).
+        sum_k w_k CE(layer k) over `weights` (default config.loss_weights; a curriculum's table of the
+        step), and then only the weighted heads are computed.
         With exit_dropout, training freezes a random share of the tokens at each exit, as true early
         exit would: the layers above see their frozen states, and heads above do not score them.
         With layer_dropout, training skips layer k for a random share of the sequences, rising with
@@ -322,7 +323,7 @@ class GPT(nn.Module):
         - 1 of it [5]): the deep layers learn to refine what the shallow ones say, not to replace it.
         A skipped layer is still computed (torch.where keeps the graph the same in every step), so
         unlike LayerSkip's it saves no training time."""
-        cfg, weights = self.config, self.config.loss_weights
+        cfg, weights = self.config, weights or self.config.loss_weights
         wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
         x, logits, frozen, scored = self.embed(idx), {}, None, {}
         train = self.training and targets is not None
@@ -532,6 +533,27 @@ def layer_weights(loss, n_layer, exits, alpha=0.5, weights=None):
     else:
         table = LOSSES[loss](n_layer, exits, alpha)
     return {k: float(w) for k, w in sorted(table.items()) if w > 0}
+
+
+CURRICULA = ("none", "rotational", "gradual")
+
+
+def curriculum(weights, n_layer, kind, step, max_iters, every=2):
+    """The loss table at one training step under LayerSkip's early-exit curriculum [5]; the last
+    layer is always trained, and the table's total stays as it is (the heads switched on share it).
+    rotational: the exit after layer k trains at step t when (k - t) % every == 0, so each takes
+    its turn. gradual: exits switch on one by one from the deepest down, evenly over the first
+    half of training (our choice of pace), and every exit trains from the middle on."""
+    exits = sorted((k for k in weights if k < n_layer), reverse=True)
+    if kind == "rotational":
+        on = [k for k in exits if (k - step) % every == 0]
+    elif kind == "gradual":
+        on = exits[: 2 * len(exits) * step // max(1, max_iters)]
+    else:
+        return dict(weights)
+    table = {k: w for k, w in weights.items() if k == n_layer or k in on}
+    scale = sum(weights.values()) / sum(table.values())
+    return {k: w * scale for k, w in table.items()}
 
 
 def weighted_loss(ce_by_layer, weights):

@@ -75,6 +75,11 @@ def parse_args(argv=None):
     g.add_argument("--layer-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
                    help="training: skip the last layer for this share of the sequences, fewer below (LayerSkip's "
                    "layer dropout, for exits that agree with the last layer: self-speculative drafts)")
+    g.add_argument("--exit-curriculum", default="none", choices=ee.CURRICULA, help="training: LayerSkip's early-exit "
+                   "loss curriculum: each exit's loss in turn (rotational), or switched on from the deepest exit "
+                   "down over the first half of training (gradual); the last layer always trains")
+    g.add_argument("--rotate-every", type=cli.number(int, 1), default=2, help="rotational curriculum: the exit "
+                   "after layer k trains at steps t with (k - t) %% N == 0")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
                    "(after --train-chars) to fit the learned routers on at the end (0 = no routers)")
@@ -149,6 +154,11 @@ class Run:
     device: str
     rank: int = 0
     world: int = 1
+
+    def weights(self, step):
+        """The loss table of this step: the config's, or the early-exit curriculum's share of it."""
+        a, cfg = self.args, self.raw.config
+        return ee.curriculum(cfg.loss_weights, cfg.n_layer, a.exit_curriculum, step, a.schedule_iters, a.rotate_every)
     step: int = 0
     best_val: float = float("inf")
     history: list = field(default_factory=list)  # [{'step': n, 'val_ppl': {layer: ppl}}] at every evaluation
@@ -212,6 +222,10 @@ def load_text(args, ckpt, rank, world):
 
 def build_model(args, vocab):
     weights = ee.layer_weights(args.loss, args.n_layer, args.exit_layers, args.alpha, args.layer_weights or None)
+    if args.exit_curriculum != "none" and (args.n_layer not in weights or len(weights) < 2):
+        raise ee.EEminiError(f"--exit-curriculum {args.exit_curriculum} schedules exit losses beside the last layer's, "
+                             f"but this run trains {', '.join(f'L{k}' for k in weights)}: give --exit-layers and a loss "
+                             "that weighs both (e.g. --layer-weights with a weight on the last layer)")
     return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
                                exits=args.exit_layers, loss_weights=weights, pos=args.pos, norm=args.norm,
@@ -231,7 +245,7 @@ def train_step(run, train_data, gen):
         x, y = get_batch(train_data, args.block_size, args.batch_size, gen, run.device)
         sync = micro == args.grad_accum - 1 or run.world == 1
         with (nullcontext() if sync else run.model.no_sync()), cli.autocast(run.device):
-            logits, loss = run.model(x, y)
+            logits, loss = run.model(x, y, run.weights(run.step))
         (loss / args.grad_accum).backward()
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
@@ -414,11 +428,13 @@ def main(args):
         cfg = raw.config
         if world > 1:  # a head no loss reaches (the exit head under --loss final) has no gradient
             run.model = DDP(run.model, device_ids=[local_rank] if device.startswith("cuda") else None,
-                            find_unused_parameters=set(cfg.loss_weights) != {*cfg.head_layers, cfg.n_layer})
+                            find_unused_parameters=set(cfg.loss_weights) != {*cfg.head_layers, cfg.n_layer}
+                            or args.exit_curriculum != "none")
         run.log(f"device {device} | {world} process(es) | {raw.num_params():,} parameters | "
                 f"{args.batch_size * args.block_size * args.grad_accum * world:,} tokens/step | loss "
                 f"{'layer-weights' if args.layer_weights else args.loss} weights "
-                + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items()))
+                + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items())
+                + (f" | {args.exit_curriculum} exit curriculum" if args.exit_curriculum != "none" else ""))
         t0 = time.time()
         train_loop(run, train_data, val)
         if rank == 0:

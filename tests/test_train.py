@@ -119,6 +119,28 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_rotational_step_is_a_plain_step_without_the_resting_exit(text_file, tmp_path):
+    """Step 0 of the rotational curriculum trains exit 2 and the last layer, not exit 1: the same step
+    as --layer-weights 0,0.25,0.75 (exit 1's weight 0, the others scaled to the total), weight for
+    weight, and exit 1's head is left as it was initialised (its optimizer never sees a gradient).
+    A gradual one-step run trains the last layer alone, and a curriculum without exit losses is an error."""
+    base = ["--data", str(text_file), *TINY_TRAIN, "--exit-layers", "1,2", "--max-iters", "1", "--eval-interval",
+            "100", "--exit-dropout", "0", "--router-chars", "0"]
+    rot = run_train(*base, "--out", str(tmp_path / "a.pt"), "--layer-weights", "0.2,0.2,0.6", "--exit-curriculum", "rotational")
+    plain = run_train(*base, "--out", str(tmp_path / "b.pt"), "--layer-weights", "0,0.25,0.75")
+    other = run_train(*base, "--out", str(tmp_path / "c.pt"), "--layer-weights", "0.2,0.2,0.6")
+    for k, v in rot.state_dict().items():
+        assert torch.allclose(v, plain.state_dict()[k], atol=1e-6), k
+    assert not torch.equal(rot.exit_heads["1"].head.weight, other.exit_heads["1"].head.weight)
+    grad = run_train(*base, "--out", str(tmp_path / "d.pt"), "--layer-weights", "0.2,0.2,0.6", "--exit-curriculum", "gradual")
+    last = run_train(*base, "--out", str(tmp_path / "e.pt"), "--layer-weights", "0,0,1")
+    for k, v in grad.state_dict().items():
+        assert torch.allclose(v, last.state_dict()[k], atol=1e-6), k
+    msg = cli_error(train.main, train.parse_args, [*base, "--out", str(tmp_path / "f.pt"), "--loss", "final",
+                                                   "--exit-curriculum", "gradual"])
+    assert "--exit-curriculum gradual schedules exit losses" in msg
+
+
 def test_grad_accum_matches_one_big_batch(text_file, tmp_path):
     """8 sequences at once == 2 micro-batches of 4 (the generator draws the same windows). Without exit
     dropout: with it, each micro-batch averages over its own scored tokens, a slightly different mean."""
