@@ -1,8 +1,8 @@
 """
 The command lines' shared vocabulary: one parser whose errors are one line and whose --help shows
 every default, the argument types (thresholds, comma lists, bounded numbers), the flags every
-script spells the same way, the device and its precision, and run_cli, which turns a problem the
-user can fix into one `error:` line.
+script spells the same way, the device and its precision, run_cli, which turns a problem the user
+can fix into one `error:` line, and a run's processes (torchrun, Ctrl-C, peak memory).
 """
 
 import argparse
@@ -10,9 +10,12 @@ import contextlib
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 
 import torch
+import torch.distributed as dist
 
 from eemini import EEminiError
 
@@ -160,3 +163,58 @@ def machine(device="cpu"):
 
 def fmt_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# processes: torchrun, Ctrl-C, memory
+
+
+def setup_distributed():
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_device(name, threads, world, local_rank):
+    """pick_device, then under torchrun one GPU a process."""
+    device = pick_device(name, threads)
+    if world > 1 and device.startswith("cuda"):  # one GPU a process
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+
+
+class CtrlC:
+    """The first Ctrl-C asks the loop to stop after the step it is in and save; a second one stops at
+    once (KeyboardInterrupt, as usual). Only in a single process's main thread: under torchrun the
+    processes must stop at the same step, so there Ctrl-C stops at once."""
+
+    def __init__(self, active):
+        self.active, self.requested = active and threading.current_thread() is threading.main_thread(), False
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)

@@ -535,27 +535,6 @@ def layer_weights(loss, n_layer, exits, alpha=0.5, weights=None):
     return {k: float(w) for k, w in sorted(table.items()) if w > 0}
 
 
-CURRICULA = ("none", "rotational", "gradual")
-
-
-def curriculum(weights, n_layer, kind, step, max_iters, every=2):
-    """The loss table at one training step under LayerSkip's early-exit curriculum [5]; the last
-    layer is always trained, and the table's total stays as it is (the heads switched on share it).
-    rotational: the exit after layer k trains at step t when (k - t) % every == 0, so each takes
-    its turn. gradual: exits switch on one by one from the deepest down, evenly over the first
-    half of training (our choice of pace), and every exit trains from the middle on."""
-    exits = sorted((k for k in weights if k < n_layer), reverse=True)
-    if kind == "rotational":
-        on = [k for k in exits if (k - step) % every == 0]
-    elif kind == "gradual":
-        on = exits[: 2 * len(exits) * step // max(1, max_iters)]
-    else:
-        return dict(weights)
-    table = {k: w for k, w in weights.items() if k == n_layer or k in on}
-    scale = sum(weights.values()) / sum(table.values())
-    return {k: w * scale for k, w in table.items()}
-
-
 def weighted_loss(ce_by_layer, weights):
     return sum(weights[k] * ce_by_layer[k] for k in weights)
 

@@ -1,6 +1,7 @@
 """
-Optimisation: Muon for the blocks' matrices, AdamW for everything else, and the learning-rate
-schedule both follow (linear warmup, cosine decay).
+Optimisation: Muon for the blocks' matrices, AdamW for everything else, the learning-rate
+schedule both follow (linear warmup, cosine decay), and the early-exit loss curriculum (which heads
+a step trains).
 
 Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon; Liu et al. 2025, arXiv:2502.16982)
 replaces each 2-D weight's update by the nearest orthogonal matrix of its momentum (a few
@@ -86,3 +87,25 @@ def set_lr(optimizers, lr):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_ratio"]
+
+
+CURRICULA = ("none", "rotational", "gradual")
+
+
+def curriculum(weights, n_layer, kind, step, max_iters, every=2):
+    """The loss table at one training step under LayerSkip's early-exit curriculum (Elhoushi et al.
+    2024, arXiv:2404.16710): the last layer always trains, and the table's total stays as it is (the
+    heads switched on share it).
+    rotational: the exit after layer k trains at step t when (k - t) % every == 0, so each takes
+    its turn. gradual: exits switch on one by one from the deepest down, evenly over the first
+    half of training (our choice of pace), and every exit trains from the middle on."""
+    exits = sorted((k for k in weights if k < n_layer), reverse=True)
+    if kind == "rotational":
+        on = [k for k in exits if (k - step) % every == 0]
+    elif kind == "gradual":
+        on = exits[: 2 * len(exits) * step // max(1, max_iters)]
+    else:
+        return dict(weights)
+    table = {k: w for k, w in weights.items() if k == n_layer or k in on}
+    scale = sum(weights.values()) / sum(table.values())
+    return {k: w * scale for k, w in table.items()}

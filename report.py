@@ -1,5 +1,6 @@
 """
-Reporting: Markdown tables, the terminal plot of PPL against compute, and the optional PNG.
+Reporting: Markdown tables (seed 000's, which train.py prints at the end), the terminal plot of PPL
+against compute, and the optional PNG.
 """
 
 from checkpoint import atomic_write
@@ -58,3 +59,22 @@ def save_png(path, series, oracle_pts, title="PPL against compute, per threshold
     plt.close(fig)
     print(f"plot: {path}")
     return True
+
+
+def seed_tables(layers, rows, full, shallow, exit_row, cfg):
+    """Seed 000's Results and Threshold Analysis tables, measured on this run's model."""
+    L, k, tau = cfg.n_layer, cfg.exits[0] if cfg.exits else 0, exit_row["threshold"]
+    print(f"\n## Results (validation, masked routing at threshold {tau})\n")
+    print("| Model | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
+    named = [(f"Early exit (threshold {tau})", exit_row), (f"Full depth ({L}L)", full), (f"Exit only ({k}L)", shallow)]
+    for name, r in named if k else named[1:2]:  # a plain model (no exit) has one row
+        print(f"| {name} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
+    if not k:
+        return
+    print("\n## Threshold Analysis\n")
+    print("| Threshold | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threshold']:.2f} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
+    print("\nper-layer val PPL: " + "  ".join(f"L{k} {p:.3f}" for k, p in layers.items()))
+    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, and "
+          "exited tokens' K/V where later tokens need it)")

@@ -13,9 +13,6 @@ Continue a run for more steps (Ctrl-C saves the run first; a second Ctrl-C stops
 """
 
 import math
-import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ import checkpoint as ck
 import cli
 import eemini as ee
 import optim
+import report
 import routers
 from data import get_batch, held_out, load_data
 from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
@@ -75,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--layer-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
                    help="training: skip the last layer for this share of the sequences, fewer below (LayerSkip's "
                    "layer dropout, for exits that agree with the last layer: self-speculative drafts)")
-    g.add_argument("--exit-curriculum", default="none", choices=ee.CURRICULA, help="training: LayerSkip's early-exit "
+    g.add_argument("--exit-curriculum", default="none", choices=optim.CURRICULA, help="training: LayerSkip's early-exit "
                    "loss curriculum: each exit's loss in turn (rotational), or switched on from the deepest exit "
                    "down over the first half of training (gradual); the last layer always trains")
     g.add_argument("--rotate-every", type=cli.number(int, 1), default=2, help="rotational curriculum: the exit "
@@ -154,11 +152,6 @@ class Run:
     device: str
     rank: int = 0
     world: int = 1
-
-    def weights(self, step):
-        """The loss table of this step: the config's, or the early-exit curriculum's share of it."""
-        a, cfg = self.args, self.raw.config
-        return ee.curriculum(cfg.loss_weights, cfg.n_layer, a.exit_curriculum, step, a.schedule_iters, a.rotate_every)
     step: int = 0
     best_val: float = float("inf")
     history: list = field(default_factory=list)  # [{'step': n, 'val_ppl': {layer: ppl}}] at every evaluation
@@ -168,23 +161,10 @@ class Run:
         if self.rank == 0:
             print(*a, **k)
 
-
-def setup_distributed():
-    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def setup_device(args, world, local_rank):
-    device = cli.pick_device(args.device, args.threads)
-    if world > 1 and device.startswith("cuda"):  # one GPU a process
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return device
+    def weights(self, step):
+        """The loss table of this step: the config's, or the early-exit curriculum's share of it."""
+        a, cfg = self.args, self.raw.config
+        return optim.curriculum(cfg.loss_weights, cfg.n_layer, a.exit_curriculum, step, a.schedule_iters, a.rotate_every)
 
 
 def load_for_resume(args):
@@ -295,33 +275,11 @@ def log_step(run, lr, loss, logits, y, timer):
     run.log(f"step {run.step:6d}/{run.args.max_iters} | loss {loss.item():.4f} | ce {ce} | lr {lr:.2e} | {speed}")
 
 
-class CtrlC:
-    """The first Ctrl-C asks the loop to stop after the step it is in and save; a second one stops at
-    once (KeyboardInterrupt, as usual). Only in a single process's main thread: under torchrun the
-    processes must stop at the same step, so there Ctrl-C stops at once."""
-
-    def __init__(self, active):
-        self.active, self.requested = active and threading.current_thread() is threading.main_thread(), False
-
-    def __enter__(self):
-        if self.active:
-            self.previous = signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        if self.active:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def train_loop(run, train_data, val):
     """Steps until max_iters; a log line every log_interval, evaluate + save every eval_interval;
     on Ctrl-C, save and stop. Timing starts after this run's first step (warm-up, compilation)."""
     gen, first, timer = torch.Generator(), run.step, {}
-    with CtrlC(run.world == 1) as ctrl_c:
+    with cli.CtrlC(run.world == 1) as ctrl_c:
         while run.step < run.args.max_iters:
             step_once(run, train_data, val, gen, first, timer)
             if ctrl_c.requested:
@@ -344,31 +302,12 @@ def step_once(run, train_data, val, gen, first, timer):
         eval_and_save(run, val)
 
 
-def print_tables(layers, rows, full, shallow, exit_row, cfg):
-    """Seed 000's Results and Threshold Analysis tables, measured on this run's model."""
-    L, k, tau = cfg.n_layer, cfg.exits[0] if cfg.exits else 0, exit_row["threshold"]
-    print(f"\n## Results (validation, masked routing at threshold {tau})\n")
-    print("| Model | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
-    named = [(f"Early exit (threshold {tau})", exit_row), (f"Full depth ({L}L)", full), (f"Exit only ({k}L)", shallow)]
-    for name, r in named if k else named[1:2]:  # a plain model (no exit) has one row
-        print(f"| {name} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
-    if not k:
-        return
-    print("\n## Threshold Analysis\n")
-    print("| Threshold | PPL | Shallow% | Compute% | FLOPs% |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['threshold']:.2f} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
-    print("\nper-layer val PPL: " + "  ".join(f"L{k} {p:.3f}" for k, p in layers.items()))
-    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, and "
-          "exited tokens' K/V where later tokens need it)")
-
-
 def final_report(run, val, t0):
     """The seeds' tables at the end of training, the true-exit figure beside them, and the save."""
     cfg = run.raw.config
     layers, rows = evaluate(run, val, [*TABLE_THRESHOLDS, run.args.threshold, 1.0, 0.0])
     *table, exit_row, full, shallow = rows
-    print_tables(layers, table, full, shallow, exit_row, cfg)
+    report.seed_tables(layers, table, full, shallow, exit_row, cfg)
     with cli.autocast(run.device):  # the same precision as the masked figures beside it
         true_exit = exit_metrics(run.raw, val, run.args.threshold, run.args.eval_batch_size, run.device)
     if cfg.exits:
@@ -378,7 +317,7 @@ def final_report(run, val, t0):
     save(run, {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
                "exit_only": shallow, "thresholds": table, "true_exit": true_exit})
     run.log(f"done: {run.step} steps in {cli.fmt_time(time.time() - t0)} | best val PPL (full depth) "
-            f"{math.exp(run.best_val):.3f} | peak memory {peak_memory(run.device)} | saved {run.args.out}")
+            f"{math.exp(run.best_val):.3f} | peak memory {cli.peak_memory(run.device)} | saved {run.args.out}")
 
 
 def fit_routers(run):
@@ -394,21 +333,11 @@ def fit_routers(run):
     run.routers = routers.to_checkpoint(routers.fit_routers(run.raw, ids, a.router_epsilon, run.device), a.router_epsilon)
 
 
-def peak_memory(device):
-    if device.startswith("cuda"):
-        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "n/a"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
-
-
 # ----------------------------------------------------------------------------------------------
 
 
 def main(args):
-    rank, world, local_rank = setup_distributed()
+    rank, world, local_rank = cli.setup_distributed()
     if Path(args.out).is_dir():
         raise ee.EEminiError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / 'ckpt.pt'}")
     with ck.exclusive(args.out) if rank == 0 else nullcontext():  # one writer per checkpoint
@@ -416,7 +345,7 @@ def main(args):
             raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
                                  f"or --overwrite to replace it")
         ckpt, args = load_for_resume(args) if args.resume else (None, args)
-        device = setup_device(args, world, local_rank)
+        device = cli.setup_device(args.device, args.threads, world, local_rank)
         torch.manual_seed(args.seed)
         vocab, train_data, val = load_text(args, ckpt, rank, world)
         raw = build_model(args, vocab).to(device)

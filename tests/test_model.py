@@ -68,20 +68,6 @@ def test_model_loss_is_weighted_ce_of_its_own_logits():
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind, step, want", [
-    ("none", 7, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}),
-    ("rotational", 0, {2: 1 / 7, 4: 1 / 7, 6: 5 / 7}),  # (k - 0) % 2 == 0; the total 1 shared by what trains
-    ("rotational", 1, {1: 0.125, 3: 0.125, 5: 0.125, 6: 0.625}),
-    ("gradual", 0, {6: 1.0}),  # the last layer alone, then exits from the deepest down ...
-    ("gradual", 10, {5: 1 / 6, 6: 5 / 6}),  # 2 * 5 exits * 10 // 100 = 1 switched on
-    ("gradual", 49, {2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5} | {k: 0.1 / 0.9 for k in (2, 3, 4, 5)} | {6: 0.5 / 0.9}),
-    ("gradual", 50, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}),  # ... every one from the middle on
-])
-def test_exit_curriculum_tables(kind, step, want):
-    weights = {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}
-    assert ee.curriculum(weights, 6, kind, step, 100) == pytest.approx(want)
-
-
 def test_a_step_table_replaces_the_config_weights_and_computes_only_its_heads():
     model = make_model(n_layer=4, exits=[1, 2, 3], loss_weights={1: 0.2, 2: 0.2, 3: 0.2, 4: 0.4})
     x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))

@@ -60,3 +60,17 @@ def test_lr_schedule():
     assert optim.get_lr(9, args) == pytest.approx(1e-3)
     assert optim.get_lr(60, args) == pytest.approx(5.5e-4)
     assert optim.get_lr(110, args) == pytest.approx(1e-4) and optim.get_lr(500, args) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("kind, step, want", [
+    ("none", 7, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}),
+    ("rotational", 0, {2: 1 / 7, 4: 1 / 7, 6: 5 / 7}),  # (k - 0) % 2 == 0; the total 1 shared by what trains
+    ("rotational", 1, {1: 0.125, 3: 0.125, 5: 0.125, 6: 0.625}),
+    ("gradual", 0, {6: 1.0}),  # the last layer alone, then exits from the deepest down ...
+    ("gradual", 10, {5: 1 / 6, 6: 5 / 6}),  # 2 * 5 exits * 10 // 100 = 1 switched on
+    ("gradual", 49, {2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5} | {k: 0.1 / 0.9 for k in (2, 3, 4, 5)} | {6: 0.5 / 0.9}),
+    ("gradual", 50, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}),  # ... every one from the middle on
+])
+def test_exit_curriculum_tables(kind, step, want):
+    weights = {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1, 6: 0.5}
+    assert optim.curriculum(weights, 6, kind, step, 100) == pytest.approx(want)
