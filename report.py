@@ -1,9 +1,13 @@
 """
-Reporting: Markdown tables (seed 000's, which train.py prints at the end), the terminal plot of PPL
-against compute, and the optional PNG.
+Reporting: Markdown tables, the terminal plot of PPL against compute, the optional PNG, and what
+the scripts print with them: seed 000's tables at the end of train.py, sweep.py's table, analysis,
+oracle shares, plot and files.
 """
 
-from checkpoint import atomic_write
+import csv
+import json
+
+from checkpoint import atomic_write, write_text
 
 
 def md(header, rows):
@@ -78,3 +82,68 @@ def seed_tables(layers, rows, full, shallow, exit_row, cfg):
     print("\nper-layer val PPL: " + "  ".join(f"L{k} {p:.3f}" for k, p in layers.items()))
     print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, and "
           "exited tokens' K/V where later tokens need it)")
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep.py's output: the table, the analysis, the oracle shares, an ASCII plot, CSV / JSON / PNG
+
+
+def interval(lo, hi, digits):
+    return f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def sweep_table(rows, mode, conf):
+    exit_col = mode == "both"
+    print(f"\n## Threshold sweep ({conf} confidence, {'true early exit' if mode == 'exit' else 'masked'})\n")
+    print("| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth [95% CI] | Oracle PPL |"
+          + (" True-exit PPL |" if exit_col else ""))
+    print("|---" * (7 + exit_col) + "|")
+    for r in rows:
+        ci = interval(r["delta_lo"], r["delta_hi"], 2) if "delta_lo" in r else ""
+        delta = "baseline" if r["threshold"] >= 1.0 else f"{r['delta_ppl']:+.2f}%{ci}"
+        print(f"| {fmt_t(r['threshold'])} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | "
+              f"{r['flops']:.1f}% | {delta} | {r['oracle_ppl']:.3f} |" + (f" {r['exit_ppl']:.3f} |" if exit_col else ""))
+
+
+def sweep_analysis(a, budget):
+    def line(r):
+        return (f"threshold {fmt_t(r['threshold'])}: PPL {r['ppl']:.3f} ({r['delta_ppl']:+.2f}%), "
+                f"compute {r['compute']:.1f}% ({100 - r['compute']:.1f}% saved), shallow {r['shallow']:.1f}%")
+    w = a["within_budget"]
+    print(f"\n{'best PPL':20} {line(a['best_ppl'])}")
+    print(f"{f'within +{budget:g}% PPL':20} " + (line(w) if w else f"no threshold stays within +{budget:g}%"))
+    print(f"{'maximum efficiency':20} {line(a['max_efficiency'])}")
+    need = f" (the confidence router needs {w['compute']:.1f}%)" if w else ""
+    low = a["oracle_compute_within_budget"]
+    print(f"{'oracle frontier':20} within +{budget:g}% PPL down to compute {low:.1f}%{need}")
+
+
+def oracle_shares(fractions, budgets, ceiling):
+    """Per measure: the compute it saves within each budget, the oracle's, and its share of it."""
+    head = [f"{h} (+{b:g}%)" for b in budgets for h in ("saved", "oracle saves", "share")]
+    print("\n## Against the oracle: compute saved within +1% and +2% PPL (masked, thresholds every 0.005)\n\n" + "\n".join(md(["Measure", *head], [
+        [m, *(f"{x:.1f}%" if i % 3 < 2 else f"{100 * x:.0f}%" for i, x in enumerate(v))] for m, v in fractions.items()])[:-1]))
+    print(f"\n{ceiling}: a character leaves where the exit's expected extra loss, KL(last layer || exit), is small;\n"
+          f"it runs every layer to know that: a reference, not a router, for what predicting that cost exactly would reach")
+
+
+MARKERS = "*+x#@%&"  # ASCII plot: one a curve; "." is the oracle frontier
+
+
+def frontier_plot(series, oracle, title="PPL against Compute"):
+    plot = [(".", [(o["compute"], o["ppl"]) for o in oracle])] + [(m, p) for m, (_, p) in zip(MARKERS, series)]
+    print(f"\n## {title}\n\n" + "\n".join(ascii_plot(plot)))
+    legend = [f"{m} {label}" for m, (label, _) in zip(MARKERS, series)] + [". oracle frontier"]
+    print("   " + ("   " if len(legend) < 4 else "\n   ").join(legend))
+
+
+def sweep_files(args, result, series):
+    if args.csv:
+        with atomic_write(args.csv, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
+            w.writeheader()
+            w.writerows(result["rows"])
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=1))
+    if args.plot:
+        save_png(args.plot, series, [(o["compute"], o["ppl"]) for o in result["oracle"]])

@@ -23,8 +23,6 @@ References
 [3] Schuster et al. 2022, CALM (confidence measures, learned routers, Learn then Test). arXiv:2207.07061
 """
 
-import csv
-import json
 import math
 import time
 
@@ -37,10 +35,10 @@ import measure
 import routers as learned
 import uncertainty as un
 from data import eval_ids
-from report import ascii_plot, fmt_t, md, save_png
+import report
+from report import ascii_plot, fmt_t, md
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
-MARKERS = "*+x#@%&"  # ASCII plot: one a curve; "." is the oracle frontier
 BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
 CEILING = "ceiling: KL to the last layer"  # not a measure: it needs every layer (measure.ceiling_sweep)
 
@@ -119,68 +117,6 @@ def measures(args, routers):
     for m in names:
         learned.resolve(m, routers)
     return names
-
-
-# ----------------------------------------------------------------------------------------------
-# output: the table, the analysis, an ASCII plot, CSV / JSON / PNG
-
-
-def interval(lo, hi, digits):
-    return f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def print_table(rows, mode, conf):
-    exit_col = mode == "both"
-    print(f"\n## Threshold sweep ({conf} confidence, {'true early exit' if mode == 'exit' else 'masked'})\n")
-    print("| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth [95% CI] | Oracle PPL |"
-          + (" True-exit PPL |" if exit_col else ""))
-    print("|---" * (7 + exit_col) + "|")
-    for r in rows:
-        ci = interval(r["delta_lo"], r["delta_hi"], 2) if "delta_lo" in r else ""
-        delta = "baseline" if r["threshold"] >= 1.0 else f"{r['delta_ppl']:+.2f}%{ci}"
-        print(f"| {fmt_t(r['threshold'])} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | "
-              f"{r['flops']:.1f}% | {delta} | {r['oracle_ppl']:.3f} |" + (f" {r['exit_ppl']:.3f} |" if exit_col else ""))
-
-
-def print_analysis(a, budget):
-    def line(r):
-        return (f"threshold {fmt_t(r['threshold'])}: PPL {r['ppl']:.3f} ({r['delta_ppl']:+.2f}%), "
-                f"compute {r['compute']:.1f}% ({100 - r['compute']:.1f}% saved), shallow {r['shallow']:.1f}%")
-    w = a["within_budget"]
-    print(f"\n{'best PPL':20} {line(a['best_ppl'])}")
-    print(f"{f'within +{budget:g}% PPL':20} " + (line(w) if w else f"no threshold stays within +{budget:g}%"))
-    print(f"{'maximum efficiency':20} {line(a['max_efficiency'])}")
-    need = f" (the confidence router needs {w['compute']:.1f}%)" if w else ""
-    low = a["oracle_compute_within_budget"]
-    print(f"{'oracle frontier':20} within +{budget:g}% PPL down to compute {low:.1f}%{need}")
-
-
-def print_fractions(fractions):
-    """Per measure: the compute it saves within each budget, the oracle's, and its share of it."""
-    head = [f"{h} (+{b:g}%)" for b in BUDGETS for h in ("saved", "oracle saves", "share")]
-    print("\n## Against the oracle: compute saved within +1% and +2% PPL (masked, thresholds every 0.005)\n\n" + "\n".join(md(["Measure", *head], [
-        [m, *(f"{x:.1f}%" if i % 3 < 2 else f"{100 * x:.0f}%" for i, x in enumerate(v))] for m, v in fractions.items()])[:-1]))
-    print(f"\n{CEILING}: a character leaves where the exit's expected extra loss, KL(last layer || exit), is small;\n"
-          f"it runs every layer to know that: a reference, not a router, for what predicting that cost exactly would reach")
-
-
-def print_plot(series, oracle, title="PPL against Compute"):
-    plot = [(".", [(o["compute"], o["ppl"]) for o in oracle])] + [(m, p) for m, (_, p) in zip(MARKERS, series)]
-    print(f"\n## {title}\n\n" + "\n".join(ascii_plot(plot)))
-    legend = [f"{m} {label}" for m, (label, _) in zip(MARKERS, series)] + [". oracle frontier"]
-    print("   " + ("   " if len(legend) < 4 else "\n   ").join(legend))
-
-
-def write_files(args, result, series):
-    if args.csv:
-        with ck.atomic_write(args.csv, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-            w.writeheader()
-            w.writerows(result["rows"])
-    if args.json:
-        ck.write_text(args.json, json.dumps(result, indent=1))
-    if args.plot:
-        save_png(args.plot, series, [(o["compute"], o["ppl"]) for o in result["oracle"]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,18 +262,18 @@ def main(args):
     analysis, series, fractions = {}, [], {}
     for m in args.measures:
         mine = [r for r in rows if r["confidence"] == m]
-        print_table(mine, args.mode, m)
+        report.sweep_table(mine, args.mode, m)
         analysis[m] = measure.analyse(mine, full, args.max_ppl_increase, oracle)
-        print_analysis(analysis[m], args.max_ppl_increase)
+        report.sweep_analysis(analysis[m], args.max_ppl_increase)
         fine = measure.fine_sweep(stats, cfg, m)
         fractions[m] = [x for b in BUDGETS for x in measure.oracle_fraction(fine, full, b, oracle)]
         series.append((f"{m} ({'true exit' if args.mode == 'exit' else 'masked'})", [(r["compute"], r["ppl"]) for r in mine]))
         if args.mode == "both":
             series.append((f"{m} (true exit)", [(r["compute"], r["exit_ppl"]) for r in mine]))
     fractions[CEILING] = [x for b in BUDGETS for x in measure.oracle_fraction(measure.ceiling_sweep(stats, cfg), full, b, oracle)]
-    print_fractions(fractions)
+    report.oracle_shares(fractions, BUDGETS, CEILING)
     frontier = oracle.frontier()
-    print_plot(series, frontier)
+    report.frontier_plot(series, frontier)
     if args.windows and len(cfg.exits) == 1:
         windows_section(stats, cfg, args, series)
     if args.details:
@@ -352,7 +288,7 @@ def main(args):
               "oracle_share": {m: {f"+{b:g}%": {"saved": v[3 * i], "oracle_saved": v[3 * i + 1], "share": v[3 * i + 2]}
                                    for i, b in enumerate(BUDGETS)} for m, v in fractions.items()},
               "calibrated": calibrated}
-    write_files(args, result, series)
+    report.sweep_files(args, result, series)
     return result
 
 
