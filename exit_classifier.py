@@ -31,7 +31,6 @@ seed 004's hypothesis 2 is about) and prints it as its own row.
 import copy
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import checkpoint as ck
+import cascade
 import cli
 import eemini as ee
 from data import Vocab, load_data
@@ -100,118 +100,9 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# model: blocks of eemini layers, each with its own head; an exit classifier on a block's state
-
-
-class CascadeBlock(nn.Module):
-    """A few transformer layers and a head. Block 0 embeds characters; a later block reads the
-    previous block's hidden states (seed 004) and updates only the tokens still in flight."""
-
-    def __init__(self, cfg, n_layer, embed=False):
-        super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd) if embed else None
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed and cfg.pos == "learned" else None
-        self.h = nn.ModuleList([ee.Block(cfg) for _ in range(n_layer)])
-        self.head = ee.ExitHead(cfg)
-        self.apply(ee.init_weights)
-
-    def forward(self, x, live=None):  # x: (B, T) ids or (B, T, C) states; live: (B, T) bool or None = all
-        if self.wte is not None:
-            x = self.wte(x)  # (B, T, C); rotary positions enter in attention, learned ones here
-            x = x + self.wpe(torch.arange(x.size(1), device=x.device)) if self.wpe is not None else x
-        for layer in self.h:  # a token not live keeps its state and only lends it as K/V [2]
-            x = layer(x, live)
-        return x, self.head(x)  # (B, T, C), (B, T, V)
-
-
-class ExitClassifier(nn.Module):
-    """Confidence in (0, 1) from a block's hidden state: sigmoid of a small MLP (linear if hidden=0)."""
-
-    def __init__(self, n_embd, hidden):
-        super().__init__()
-        mlp = [nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1)] if hidden else [nn.Linear(n_embd, 1)]
-        self.net = nn.Sequential(nn.LayerNorm(n_embd), *mlp)
-
-    def forward(self, h):  # (..., C) -> (...)
-        return torch.sigmoid(self.net(h).squeeze(-1))
-
-
-def label_distill(ce, pmax):
-    """Seed 004 'distill': the block's max softmax, its own confidence, right or wrong."""
-    return pmax
-
-
-def label_loss(ce, pmax):
-    """Seed 004 'loss': exp(-CE), the probability the block gave the right character."""
-    return torch.exp(-ce)
-
-
-LABELS = {"distill": label_distill, "loss": label_loss}
-
-
-# ----------------------------------------------------------------------------------------------
-# tokens: the sequences a block reads, and how the hard ones reach the next block
-
-
-@dataclass
-class Tokens:
-    x: torch.Tensor  # (S, T) character ids for block 0, (S, T, C) the previous block's states after it
-    y: torch.Tensor  # (S, T) next-character targets
-    live: torch.Tensor  # (S, T) bool: still in flight (not exited, not padding): updated and scored
-    pos: torch.Tensor  # (S, T) each token's index in the original text, -1 for padding
-
-    def take(self, i):
-        return Tokens(self.x[i], self.y[i], self.live[i], self.pos[i])
-
-
-def windows(ids, seq_len):
-    """Non-overlapping windows of ids: inputs, next-character targets, all live."""
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
-        raise ee.EEminiError(f"the text ({len(ids)} chars) is shorter than one sequence of {seq_len + 1}")
-    x, y = ids[: n * seq_len].view(n, seq_len), ids[1 : n * seq_len + 1].view(n, seq_len)
-    return Tokens(x, y, torch.ones_like(x, dtype=torch.bool), torch.arange(n * seq_len).view(n, seq_len))
-
-
-def repack(tok, seq_len):
-    """Seed 004's repacking: the live tokens, in text order, cut into new seq_len sequences. Each
-    keeps its state and target but loses its context; the last sequence is padded (pos -1)."""
-    keep = tok.live.flatten()
-    x, y, pos = tok.x.flatten(0, 1)[keep], tok.y.flatten()[keep], tok.pos.flatten()[keep]
-    pad = -len(y) % seq_len
-    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]).view(-1, seq_len, *x.shape[1:])
-    y, pos = (torch.cat([t, t.new_full((pad,), -1)]).view(-1, seq_len) for t in (y, pos))
-    return Tokens(x, y, pos >= 0, pos)
-
-
-def advance(tok, states, hard, context):
-    """The tokens the next block reads: the hard ones, in their own text or repacked."""
-    nxt = Tokens(states, tok.y, tok.live & hard, tok.pos)
-    return repack(nxt, tok.y.size(1)) if context == "repack" else nxt
-
-
-@torch.no_grad()
-def block_outputs(block, tok, batch_size, device):
-    """A frozen block over tok: its states (S, T, C) and, per token, CE, correct?, max softmax."""
-    block.eval()
-    out = {"h": [], "ce": [], "correct": [], "pmax": []}
-    for i in range(0, len(tok.y), batch_size):
-        b = tok.take(slice(i, i + batch_size))
-        live = None if b.live.all() else b.live.to(device)
-        with cli.autocast(device):
-            h, logits = block(b.x.to(device), live)
-        logits, y = logits.float(), b.y.to(device)
-        out["h"].append(h.float().cpu())
-        out["ce"].append(F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none").cpu())
-        out["correct"].append((logits.argmax(-1) == y).cpu())
-        out["pmax"].append(ee.conf_softmax(logits).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
 def val_ppl(block, tok, args, device):
     """PPL of block on the live tokens of tok."""
-    return math.exp(block_outputs(block, tok, args.eval_batch_size, device)["ce"][tok.live].mean().item())
+    return math.exp(cascade.block_outputs(block, tok, args.eval_batch_size, device)["ce"][tok.live].mean().item())
 
 
 def confidence(method, clf, out):
@@ -253,7 +144,7 @@ def fit(name, block, train, val, args, device, clfs=None):
             ce = F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")
             losses = {"ce": ce[live].mean()}
             for label, clf in clfs.items():  # joint mode: regress the label from detached states
-                target = LABELS[label](ce.detach(), ee.conf_softmax(logits.detach()))[live]
+                target = cascade.LABELS[label](ce.detach(), ee.conf_softmax(logits.detach()))[live]
                 losses[label] = F.mse_loss(clf(h.detach().float())[live], target)
             sum(losses.values()).backward()
             if args.grad_clip > 0:
@@ -305,24 +196,24 @@ def train_cascade(method, block0, clf0, train, val, cfg, args, device):
     for i, n_layer in enumerate(args.block_layers):
         clf = clf0 if i == 0 and clf0 is not None else None
         if clf is None and learned and i < last:
-            clf = ExitClassifier(cfg.n_embd, args.exit_hidden).to(device)
+            clf = cascade.ExitClassifier(cfg.n_embd, args.exit_hidden).to(device)
         if i > 0:
             joint = {label: clf} if clf is not None and args.exit_classifier_mode == "joint" else {}
-            blocks.append(CascadeBlock(cfg, n_layer).to(device))
+            blocks.append(cascade.CascadeBlock(cfg, n_layer).to(device))
             info["es_ppl"].append(fit(f"{NAMES[method]} block {i}", blocks[i], train, val, args, device, joint))
         if i == last:
             break
-        out_tr, out_va = (block_outputs(blocks[i], t, args.eval_batch_size, device) for t in (train, val))
+        out_tr, out_va = (cascade.block_outputs(blocks[i], t, args.eval_batch_size, device) for t in (train, val))
         if learned:
-            labels = LABELS[label](out_tr["ce"], out_tr["pmax"])[train.live]
+            labels = cascade.LABELS[label](out_tr["ce"], out_tr["pmax"])[train.live]
             info.setdefault("avg_label", []).append(labels.mean().item())
             if args.exit_classifier_mode == "post":
                 fit_classifier(f"{NAMES[method]} block {i}", clf, out_tr["h"][train.live], labels, args, device)
         conf_tr, conf_va = confidence(method, clf, out_tr), confidence(method, clf, out_va)
         thr = hard_threshold(conf_tr[train.live], args.hard_ratio)
         routers.append((clf, thr))
-        train = advance(train, out_tr["h"], ~ee.exit_mask(conf_tr, thr), args.hard_context)
-        val = advance(val, out_va["h"], ~ee.exit_mask(conf_va, thr), args.hard_context)
+        train = cascade.advance(train, out_tr["h"], ~ee.exit_mask(conf_tr, thr), args.hard_context)
+        val = cascade.advance(val, out_va["h"], ~ee.exit_mask(conf_va, thr), args.hard_context)
         if not (train.live.any() and val.live.any()):
             raise ee.EEminiError(f"no hard tokens reach block {i + 1}; use more --train-seqs or --hard-ratio")
         print(f"{NAMES[method]} block {i} | threshold {thr:.4f} | {train.live.sum().item():,} hard training tokens "
@@ -346,7 +237,7 @@ def cascade_eval(method, blocks, routers, tok, context, args, device):
     correct, exit_at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
     reached, block_ce = [], []
     for i, block in enumerate(blocks):
-        out = block_outputs(block, tok, args.eval_batch_size, device)
+        out = cascade.block_outputs(block, tok, args.eval_batch_size, device)
         reached.append(tok.pos[tok.live])
         block_ce.append(out["ce"][tok.live])
         if i == 0:
@@ -356,7 +247,7 @@ def cascade_eval(method, blocks, routers, tok, context, args, device):
             leave &= ee.exit_mask(confidence(method, routers[i][0], out), routers[i][1])
         p = tok.pos[leave]
         ce[p], correct[p], exit_at[p] = out["ce"][leave], out["correct"][leave], i
-        tok = advance(tok, out["h"], ~leave, context)
+        tok = cascade.advance(tok, out["h"], ~leave, context)
     return {"ce": ce, "ce0": ce0, "correct": correct, "exit_at": exit_at, "reached": reached,
             "block_ce": block_ce}
 
@@ -420,8 +311,8 @@ def load_cascades(path, device="cpu"):
     cfg, out = ee.GPTConfig(**ckpt["config"]), {}
     for m in ckpt["methods"]:
         bl, thr = ckpt["block_layers"], ckpt["thresholds"][m]
-        blocks = [CascadeBlock(cfg, n, embed=i == 0) for i, n in enumerate(bl)]
-        clfs = {i: ExitClassifier(cfg.n_embd, ckpt["args"]["exit_hidden"]) for i in range(len(thr))
+        blocks = [cascade.CascadeBlock(cfg, n, embed=i == 0) for i, n in enumerate(bl)]
+        clfs = {i: cascade.ExitClassifier(cfg.n_embd, ckpt["args"]["exit_hidden"]) for i in range(len(thr))
                 if METHODS[m][0] == "classifier"}
         state = {k[len(m) + 1 :]: v for k, v in ckpt["model"].items() if k.startswith(m + ".")}
         nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
@@ -445,7 +336,7 @@ def compare(args):
     device, t0 = cli.pick_device(args.device, args.threads), time.time()
     torch.manual_seed(args.seed)
     vocab, train_ids, held_ids = load_data(args.data, args.train_seqs * args.seq_len + 1, args.val_chars)
-    samples, held = windows(train_ids, args.seq_len), windows(held_ids, args.seq_len)
+    samples, held = cascade.windows(train_ids, args.seq_len), cascade.windows(held_ids, args.seq_len)
     n_val = int(len(samples.y) * args.val_ratio)
     if not 0 < n_val < len(samples.y):
         raise ee.EEminiError(f"{len(samples.y)} training sequences cannot be split by --val-ratio {args.val_ratio}; "
@@ -457,8 +348,8 @@ def compare(args):
                        n_embd=args.n_embd, ffn_dim=args.ffn_dim, exits=[bl[0]])
     methods = list(METHODS) if args.compare else \
         [m for m, (c, label) in METHODS.items() if c == args.confidence and label in (args.exit_label, None)]
-    block0 = CascadeBlock(cfg, bl[0], embed=True).to(device)
-    joint = {METHODS[m][1]: ExitClassifier(cfg.n_embd, args.exit_hidden).to(device) for m in methods
+    block0 = cascade.CascadeBlock(cfg, bl[0], embed=True).to(device)
+    joint = {METHODS[m][1]: cascade.ExitClassifier(cfg.n_embd, args.exit_hidden).to(device) for m in methods
              if METHODS[m][0] == "classifier"} if args.exit_classifier_mode == "joint" else {}
     print(f"device {device} | {len(train.y):,} train / {len(val.y):,} early-stop / {len(held.y):,} held-out sequences "
           f"of {args.seq_len} | blocks {bl} | block 0 {sum(p.numel() for p in block0.parameters()):,} params | "

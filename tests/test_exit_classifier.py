@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cascade
 import eemini as ee
 import exit_classifier as ec
 from conftest import cli_error, flag_error
@@ -25,7 +26,7 @@ def tiny_cfg(vocab_size=11, seq_len=8):
 
 def tokens(S=5, T=8, C=16, seed=0, p_live=0.5):
     g = torch.Generator().manual_seed(seed)
-    return ec.Tokens(torch.randn(S, T, C, generator=g), torch.randint(0, 11, (S, T), generator=g),
+    return cascade.Tokens(torch.randn(S, T, C, generator=g), torch.randint(0, 11, (S, T), generator=g),
                      torch.rand(S, T, generator=g) < p_live, torch.arange(S * T).view(S, T))
 
 
@@ -38,10 +39,10 @@ class FixedLogits(nn.Module):
 
 
 def test_labels_against_hand_computation():
-    tok = ec.windows(torch.tensor([0, 0, 1, 2, 0]), 4)  # targets 0, 1, 2, 0
-    out = ec.block_outputs(FixedLogits(), tok, 8, "cpu")
-    assert torch.allclose(ec.label_distill(out["ce"], out["pmax"]), torch.full((1, 4), 0.5))
-    assert torch.allclose(ec.label_loss(out["ce"], out["pmax"]), torch.tensor([[0.25, 0.5, 0.25, 0.25]]))
+    tok = cascade.windows(torch.tensor([0, 0, 1, 2, 0]), 4)  # targets 0, 1, 2, 0
+    out = cascade.block_outputs(FixedLogits(), tok, 8, "cpu")
+    assert torch.allclose(cascade.label_distill(out["ce"], out["pmax"]), torch.full((1, 4), 0.5))
+    assert torch.allclose(cascade.label_loss(out["ce"], out["pmax"]), torch.tensor([[0.25, 0.5, 0.25, 0.25]]))
     assert torch.allclose(out["ce"], -torch.log(torch.tensor([[0.25, 0.5, 0.25, 0.25]])))
 
 
@@ -55,18 +56,18 @@ def test_threshold_leaves_hard_ratio_below_it(ratio):
 
 def test_repack_keeps_every_hard_token_once_in_order():
     tok = tokens(S=6, T=8)
-    packed = ec.repack(tok, 8)
+    packed = cascade.repack(tok, 8)
     n = tok.live.sum().item()
     assert packed.y.shape == (math.ceil(n / 8), 8) and packed.live.sum().item() == n
     assert torch.equal(packed.pos[packed.live], tok.pos[tok.live])  # each once, in text order
     assert torch.equal(packed.x[packed.live], tok.x[tok.live]) and torch.equal(packed.y[packed.live], tok.y[tok.live])
     assert not packed.live.flatten()[:n].logical_not().any()  # padding only at the end
-    assert torch.equal(ec.advance(tok, tok.x, torch.ones_like(tok.live), "inplace").live, tok.live)
+    assert torch.equal(cascade.advance(tok, tok.x, torch.ones_like(tok.live), "inplace").live, tok.live)
 
 
 def test_early_stopping_stops_after_patience_and_restores_best(monkeypatch):
     args = ec.parse_args(["--patience", "3", "--max-epochs", "20", "--batch-size", "4"])
-    block = ec.CascadeBlock(tiny_cfg(), 1, embed=True)
+    block = cascade.CascadeBlock(tiny_cfg(), 1, embed=True)
     scripted, seen = iter([5.0, 4.0, 4.5, 4.2, 4.1, 1.0, 1.0]), []
 
     def fake_val_ppl(b, tok, args, device):
@@ -74,7 +75,7 @@ def test_early_stopping_stops_after_patience_and_restores_best(monkeypatch):
         return next(scripted)
 
     monkeypatch.setattr(ec, "val_ppl", fake_val_ppl)
-    data = ec.windows(torch.randint(0, 11, (200,), generator=torch.Generator().manual_seed(0)), 8)
+    data = cascade.windows(torch.randint(0, 11, (200,), generator=torch.Generator().manual_seed(0)), 8)
     best = ec.fit("test", block, data, data, args, "cpu")
     assert best == 4.0 and len(seen) == 5  # best at epoch 2, then 3 epochs without improvement
     now = block.state_dict()
@@ -87,8 +88,8 @@ def test_early_stopping_stops_after_patience_and_restores_best(monkeypatch):
 def test_final_evaluation_routes_exactly_what_the_classifier_says(context):
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    b0, b1, clf = ec.CascadeBlock(cfg, 2, embed=True), ec.CascadeBlock(cfg, 2), ec.ExitClassifier(16, 8)
-    held = ec.windows(torch.randint(0, 11, (161,)), 8)
+    b0, b1, clf = cascade.CascadeBlock(cfg, 2, embed=True), cascade.CascadeBlock(cfg, 2), cascade.ExitClassifier(16, 8)
+    held = cascade.windows(torch.randint(0, 11, (161,)), 8)
     args = ec.parse_args(["--batch-size", "4", "--hard-context", context, "--block-layers", "2,2"])
     with torch.no_grad():
         h0, logits0 = b0(held.x)

@@ -1,0 +1,125 @@
+"""
+Seed 004's block-wise cascade, the parts exit_classifier.py trains: blocks of eemini layers with a
+head each, the exit classifier on a block's state and its two labels, and the tokens a block reads
+(how the hard ones reach the next block: in their own text, or repacked).
+
+[2] Schuster et al. 2022, CALM (state propagation). arXiv:2207.07061
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import cli
+import eemini as ee
+
+
+# ----------------------------------------------------------------------------------------------
+# model: blocks of eemini layers, each with its own head; an exit classifier on a block's state
+
+
+class CascadeBlock(nn.Module):
+    """A few transformer layers and a head. Block 0 embeds characters; a later block reads the
+    previous block's hidden states (seed 004) and updates only the tokens still in flight."""
+
+    def __init__(self, cfg, n_layer, embed=False):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd) if embed else None
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if embed and cfg.pos == "learned" else None
+        self.h = nn.ModuleList([ee.Block(cfg) for _ in range(n_layer)])
+        self.head = ee.ExitHead(cfg)
+        self.apply(ee.init_weights)
+
+    def forward(self, x, live=None):  # x: (B, T) ids or (B, T, C) states; live: (B, T) bool or None = all
+        if self.wte is not None:
+            x = self.wte(x)  # (B, T, C); rotary positions enter in attention, learned ones here
+            x = x + self.wpe(torch.arange(x.size(1), device=x.device)) if self.wpe is not None else x
+        for layer in self.h:  # a token not live keeps its state and only lends it as K/V [2]
+            x = layer(x, live)
+        return x, self.head(x)  # (B, T, C), (B, T, V)
+
+
+class ExitClassifier(nn.Module):
+    """Confidence in (0, 1) from a block's hidden state: sigmoid of a small MLP (linear if hidden=0)."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        mlp = [nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1)] if hidden else [nn.Linear(n_embd, 1)]
+        self.net = nn.Sequential(nn.LayerNorm(n_embd), *mlp)
+
+    def forward(self, h):  # (..., C) -> (...)
+        return torch.sigmoid(self.net(h).squeeze(-1))
+
+
+def label_distill(ce, pmax):
+    """Seed 004 'distill': the block's max softmax, its own confidence, right or wrong."""
+    return pmax
+
+
+def label_loss(ce, pmax):
+    """Seed 004 'loss': exp(-CE), the probability the block gave the right character."""
+    return torch.exp(-ce)
+
+
+LABELS = {"distill": label_distill, "loss": label_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens: the sequences a block reads, and how the hard ones reach the next block
+
+
+@dataclass
+class Tokens:
+    x: torch.Tensor  # (S, T) character ids for block 0, (S, T, C) the previous block's states after it
+    y: torch.Tensor  # (S, T) next-character targets
+    live: torch.Tensor  # (S, T) bool: still in flight (not exited, not padding): updated and scored
+    pos: torch.Tensor  # (S, T) each token's index in the original text, -1 for padding
+
+    def take(self, i):
+        return Tokens(self.x[i], self.y[i], self.live[i], self.pos[i])
+
+
+def windows(ids, seq_len):
+    """Non-overlapping windows of ids: inputs, next-character targets, all live."""
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ee.EEminiError(f"the text ({len(ids)} chars) is shorter than one sequence of {seq_len + 1}")
+    x, y = ids[: n * seq_len].view(n, seq_len), ids[1 : n * seq_len + 1].view(n, seq_len)
+    return Tokens(x, y, torch.ones_like(x, dtype=torch.bool), torch.arange(n * seq_len).view(n, seq_len))
+
+
+def repack(tok, seq_len):
+    """Seed 004's repacking: the live tokens, in text order, cut into new seq_len sequences. Each
+    keeps its state and target but loses its context; the last sequence is padded (pos -1)."""
+    keep = tok.live.flatten()
+    x, y, pos = tok.x.flatten(0, 1)[keep], tok.y.flatten()[keep], tok.pos.flatten()[keep]
+    pad = -len(y) % seq_len
+    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]).view(-1, seq_len, *x.shape[1:])
+    y, pos = (torch.cat([t, t.new_full((pad,), -1)]).view(-1, seq_len) for t in (y, pos))
+    return Tokens(x, y, pos >= 0, pos)
+
+
+def advance(tok, states, hard, context):
+    """The tokens the next block reads: the hard ones, in their own text or repacked."""
+    nxt = Tokens(states, tok.y, tok.live & hard, tok.pos)
+    return repack(nxt, tok.y.size(1)) if context == "repack" else nxt
+
+
+@torch.no_grad()
+def block_outputs(block, tok, batch_size, device):
+    """A frozen block over tok: its states (S, T, C) and, per token, CE, correct?, max softmax."""
+    block.eval()
+    out = {"h": [], "ce": [], "correct": [], "pmax": []}
+    for i in range(0, len(tok.y), batch_size):
+        b = tok.take(slice(i, i + batch_size))
+        live = None if b.live.all() else b.live.to(device)
+        with cli.autocast(device):
+            h, logits = block(b.x.to(device), live)
+        logits, y = logits.float(), b.y.to(device)
+        out["h"].append(h.float().cpu())
+        out["ce"].append(F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none").cpu())
+        out["correct"].append((logits.argmax(-1) == y).cpu())
+        out["pmax"].append(ee.conf_softmax(logits).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
