@@ -93,6 +93,15 @@ class KVCache:
         new = torch.minimum(torch.as_tensor(self.length), torch.as_tensor(length))
         self.length = int(new[0]) if (new == new[0]).all() else new  # back to one length when rows agree
 
+    def keep(self, rows):
+        """Only these rows (R,) from now on: the rows of a batch that have finished leave it."""
+        assert self.pending is None, "pending K/V is kept for one length in every row only"
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+        if not isinstance(self.length, int):
+            new = self.length[rows]
+            self.length = int(new[0]) if (new == new[0]).all() else new
+
     def set_rows(self, rows, other, batch):
         """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows with
         one length, holds: a row's context refilled while the other rows go on."""
@@ -172,7 +181,8 @@ def generate(model, idx, max_new_tokens, threshold=1.0, temperature=1.0, top_k=N
 class Stats:
     """What a speculative generation did, counted over every row and cycle."""
     rows: int
-    cycles: int = 0  # draft-verify cycles: full-model passes over the batch
+    cycles: int = 0  # draft-verify cycles: full-model passes over the batch (the rows still going)
+    row_cycles: int = 0  # rows in each of those passes, summed: a finished row leaves the batch
     drafted: int = 0  # characters drafted
     accepted: int = 0  # drafted characters the full model accepted
     emitted: int = 0  # characters produced: the accepted ones and one from the full model a cycle
@@ -184,7 +194,7 @@ class Stats:
     @property
     def per_cycle(self):
         """Characters a row gains per full-model pass (1 without drafts, up to K + 1)."""
-        return self.emitted / max(1, self.cycles * self.rows)
+        return self.emitted / max(1, self.row_cycles)
 
 
 @torch.inference_mode()
@@ -199,14 +209,22 @@ def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, to
     target = idx.size(1) + max_new_tokens
     spare = min(k, cfg.block_size - 1)  # a row at its window's end may compute every draft past it
     rows, cache, starts = [r.tolist() for r in idx], new_cache(cfg.n_layer, spare), [None] * idx.size(0)
-    stats = Stats(len(rows))
-    while min(map(len, rows)) < target:
+    stats, out, going = Stats(len(rows)), [None] * len(rows), list(range(len(rows)))  # going: rows' places in idx
+    while True:
+        keep = [i for i, r in enumerate(rows) if len(r) < target]
+        for i in set(range(len(rows))) - set(keep):
+            out[going[i]] = rows[i][:target]
+        if not keep:
+            return idx.new_tensor(out), stats
+        if len(keep) < len(rows):  # finished rows leave the batch: the others' passes get cheaper
+            rows, starts, going = [rows[i] for i in keep], [starts[i] for i in keep], [going[i] for i in keep]
+            for c in cache:
+                c.keep(torch.tensor(keep, device=idx.device))
         refill(model, cache, rows, starts)
         drafted, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
                                   temperature, top_k, generator)
-        stats.cycles, stats.drafted = stats.cycles + 1, stats.drafted + drafted
+        stats.cycles, stats.row_cycles, stats.drafted = stats.cycles + 1, stats.row_cycles + len(rows), stats.drafted + drafted
         stats.accepted, stats.emitted = stats.accepted + int(accepted.sum()), stats.emitted + int(accepted.sum()) + len(rows)
-    return idx.new_tensor([r[:target] for r in rows]), stats
 
 
 def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None):

@@ -213,10 +213,24 @@ def test_sampling_at_a_windows_end_draws_the_full_models_distribution():
 
 def test_a_batch_takes_no_more_cycles_than_its_slowest_row_alone():
     """A row in a batch keeps at least the drafts it would keep alone (the others' windows never cut
-    its draft short), so the batch finishes within the cycles its slowest row needs by itself. Rows
-    drift apart here and cross three context refills."""
+    its draft short), so the batch finishes within the cycles its slowest row needs by itself, and
+    each row takes part in no more passes than alone: a finished row leaves the batch rather than
+    ride along to the slowest row's end. Rows drift apart here and cross three context refills."""
     model = model64()
     prompt = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(4))
-    _, batch = decode.speculative(model, prompt, 60, 1, 4, temperature=0)
-    alone = [decode.speculative(model, prompt[b : b + 1], 60, 1, 4, temperature=0)[1].cycles for b in range(4)]
-    assert len(set(alone)) > 1 and batch.cycles <= max(alone)
+    ids, batch = decode.speculative(model, prompt, 60, 1, 4, temperature=0)
+    alone = [decode.speculative(model, prompt[b : b + 1], 60, 1, 4, temperature=0) for b in range(4)]
+    cycles = [stats.cycles for _, stats in alone]
+    assert len(set(cycles)) > 1 and batch.cycles <= max(cycles)
+    assert batch.row_cycles <= sum(cycles) < 4 * batch.cycles  # without leaving: 4 * batch.cycles
+    assert torch.equal(ids, torch.cat([row for row, _ in alone]))
+
+
+def test_rows_that_finish_together_at_different_lengths():
+    """Every row can finish in the same cycle with its cache at its own length (a batch of 128 did):
+    the batch ends there, each row as decoded alone."""
+    model = model64()
+    prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(23))
+    ids, stats = decode.speculative(model, prompt, 3, 1, 4, temperature=0)
+    alone = torch.cat([decode.speculative(model, prompt[b : b + 1], 3, 1, 4, temperature=0)[0] for b in range(3)])
+    assert torch.equal(ids, alone) and stats.cycles == 2 and stats.row_cycles == 6
