@@ -327,7 +327,8 @@ class GPT(nn.Module):
         wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
         x, logits, frozen, scored = self.embed(idx), {}, None, {}
         train = self.training and targets is not None
-        drop = cfg.exit_dropout if train else 0.0
+        exits = [k for k in cfg.trained_exits if k in weights]  # a head this step trains: a token may leave there
+        drop = cfg.exit_dropout if train and exits else 0.0
         for k, block in enumerate(self.transformer.h, 1):
             keep = frozen.unsqueeze(-1) if frozen is not None else None  # tokens whose state this layer leaves alone
             rate = cfg.layer_dropout * (2 ** ((k - 1) / max(1, cfg.n_layer - 1)) - 1) if train else 0.0
@@ -338,8 +339,8 @@ class GPT(nn.Module):
             if k in wanted:
                 logits[k] = self.head(k, x)
                 scored[k] = targets if frozen is None else targets.masked_fill(frozen, -100)  # -100: not scored
-            if drop and k in cfg.trained_exits:  # LayerSkip-style exit dropout [5], per token; shared by the exits
-                leave = torch.rand(idx.shape, device=idx.device) < drop / len(cfg.trained_exits)
+            if drop and k in exits:  # LayerSkip-style exit dropout [5], per token; shared by the exits
+                leave = torch.rand(idx.shape, device=idx.device) < drop / len(exits)
                 frozen = leave if frozen is None else frozen | leave
         if targets is None:
             return logits, None

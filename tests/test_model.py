@@ -77,6 +77,21 @@ def test_a_step_table_replaces_the_config_weights_and_computes_only_its_heads():
     assert set(logits) == {2, 4} and loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_exit_dropout_freezes_tokens_only_at_the_exits_a_step_trains():
+    """Under a curriculum's table a resting exit lets no token leave (none would be scored there):
+    the step is the one of a model whose config never trained that exit, draw for draw."""
+    x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
+    torch.manual_seed(0)
+    both = make_model(exits=[1, 2], loss_weights={1: 0.2, 2: 0.2, 3: 0.6}, exit_dropout=0.5).train()
+    torch.manual_seed(0)
+    one = make_model(exits=[1, 2], loss_weights={2: 0.25, 3: 0.75}, exit_dropout=0.5).train()
+    torch.manual_seed(1)
+    _, rested = both(x, y, {2: 0.25, 3: 0.75})
+    torch.manual_seed(1)
+    _, want = one(x, y)
+    assert rested.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_heads_are_read_off_the_states_after_their_layer():
     """forward, forward_all_layers and forward_train against blocks and heads applied by hand."""
     model = make_model(loss_weights={2: 1.0, 3: 1.0})  # a head after layers 1 (the exit), 2 and 3
