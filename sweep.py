@@ -32,10 +32,10 @@ import checkpoint as ck
 import cli
 import eemini as ee
 import measure
+import report
 import routers as learned
 import uncertainty as un
 from data import eval_ids
-import report
 from report import ascii_plot, fmt_t, md
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]

@@ -75,7 +75,8 @@ def parse_args(argv=None):
                    "layer dropout, for exits that agree with the last layer: self-speculative drafts)")
     g.add_argument("--exit-curriculum", default="none", choices=optim.CURRICULA, help="training: LayerSkip's early-exit "
                    "loss curriculum: each exit's loss in turn (rotational), or switched on from the deepest exit "
-                   "down over the first half of training (gradual); the last layer always trains")
+                   "down over the first half of the learning-rate schedule (gradual: a --restart-schedule resume "
+                   "starts it again); the last layer always trains")
     g.add_argument("--rotate-every", type=cli.number(int, 1), default=2, help="rotational curriculum: the exit "
                    "after layer k trains at steps t with (k - t) %% N == 0")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")

@@ -214,8 +214,8 @@ def test_sampling_at_a_windows_end_draws_the_full_models_distribution():
 def test_a_batch_takes_no_more_cycles_than_its_slowest_row_alone():
     """A row in a batch keeps at least the drafts it would keep alone (the others' windows never cut
     its draft short), so the batch finishes within the cycles its slowest row needs by itself, and
-    each row takes part in no more passes than alone: a finished row leaves the batch rather than
-    ride along to the slowest row's end. Rows drift apart here and cross three context refills."""
+    the rows take part in no more passes, summed, than alone: a finished row leaves the batch rather
+    than ride along to the slowest row's end. Rows drift apart here and cross three context refills."""
     model = model64()
     prompt = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(4))
     ids, batch = decode.speculative(model, prompt, 60, 1, 4, temperature=0)
