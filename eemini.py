@@ -312,10 +312,11 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions(start, T, idx.device))
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None, weights=None):
+    def forward(self, idx, targets=None, weights=None, leave_at=None):
         """Logits at every layer with a head, {layer: (B, T, V)}, and given targets the training loss
         sum_k w_k CE(layer k) over `weights` (default config.loss_weights; a curriculum's table of the
-        step), and then only the weighted heads are computed.
+        step), and then only the weighted heads are computed; leave_at: the exits where exit dropout
+        freezes tokens (default: those the table trains; one it does not train scores none of them).
         With exit_dropout, training freezes a random share of the tokens at each exit, as true early
         exit would: the layers above see their frozen states, and heads above do not score them.
         With layer_dropout, training skips layer k for a random share of the sequences, rising with
@@ -327,7 +328,7 @@ class GPT(nn.Module):
         wanted = set(weights) if targets is not None else {*cfg.head_layers, cfg.n_layer}
         x, logits, frozen, scored = self.embed(idx), {}, None, {}
         train = self.training and targets is not None
-        exits = [k for k in cfg.trained_exits if k in weights]  # a head this step trains: a token may leave there
+        exits = leave_at if leave_at is not None else [k for k in cfg.trained_exits if k in weights]
         drop = cfg.exit_dropout if train and exits else 0.0
         for k, block in enumerate(self.transformer.h, 1):
             keep = frozen.unsqueeze(-1) if frozen is not None else None  # tokens whose state this layer leaves alone

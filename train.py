@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    "loss curriculum: each exit's loss in turn (rotational), or switched on from the deepest exit "
                    "down over the first half of the learning-rate schedule (gradual: a --restart-schedule resume "
                    "starts it again); the last layer always trains")
+    g.add_argument("--curriculum-freeze", default="trained", choices=["trained", "all"], help="with a curriculum, "
+                   "where exit dropout freezes tokens: at the exits a step trains, or at every exit (a token frozen "
+                   "at a resting exit is then scored by no head that step: the drafts agree more, full depth is worse)")
     g.add_argument("--rotate-every", type=cli.number(int, 1), default=2, help="rotational curriculum: the exit "
                    "after layer k trains at steps t with (k - t) %% N == 0")
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
@@ -162,6 +165,10 @@ class Run:
         if self.rank == 0:
             print(*a, **k)
 
+    def leave_at(self):
+        """Where exit dropout freezes tokens: None = the exits the step's table trains."""
+        return self.raw.config.trained_exits if self.args.curriculum_freeze == "all" else None
+
     def weights(self, step):
         """The loss table of this step: the config's, or the early-exit curriculum's share of it."""
         a, cfg = self.args, self.raw.config
@@ -226,7 +233,7 @@ def train_step(run, train_data, gen):
         x, y = get_batch(train_data, args.block_size, args.batch_size, gen, run.device)
         sync = micro == args.grad_accum - 1 or run.world == 1
         with (nullcontext() if sync else run.model.no_sync()), cli.autocast(run.device):
-            logits, loss = run.model(x, y, run.weights(run.step))
+            logits, loss = run.model(x, y, run.weights(run.step), run.leave_at())
         (loss / args.grad_accum).backward()
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)

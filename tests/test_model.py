@@ -90,6 +90,17 @@ def test_exit_dropout_freezes_tokens_only_at_the_exits_a_step_trains():
     torch.manual_seed(1)
     _, want = one(x, y)
     assert rested.item() == pytest.approx(want.item(), rel=1e-6)
+    # leave_at (train.py --curriculum-freeze all): tokens freeze at the resting exit 1 too, and no head scores them
+    torch.manual_seed(1)
+    _, frozen_too = both(x, y, {2: 0.25, 3: 0.75}, leave_at=[1, 2])
+    torch.manual_seed(1)
+    h1 = both.transformer.h[0](both.embed(x))
+    f1 = torch.rand(4, 16) < 0.25  # exit dropout 0.5 shared by two exits
+    h2 = torch.where(f1.unsqueeze(-1), h1, both.transformer.h[1](h1))
+    f2 = f1 | (torch.rand(4, 16) < 0.25)
+    h3 = torch.where(f2.unsqueeze(-1), h2, both.transformer.h[2](h2))
+    hand = 0.25 * F.cross_entropy(both.head(2, h2)[~f1], y[~f1]) + 0.75 * F.cross_entropy(both.head(3, h3)[~f2], y[~f2])
+    assert frozen_too.item() == pytest.approx(hand.item(), rel=1e-5) and frozen_too.item() != pytest.approx(want.item())
 
 
 def test_heads_are_read_off_the_states_after_their_layer():
