@@ -158,21 +158,21 @@ class CausalSelfAttention(nn.Module):
         k, v = self.heads(k, positions(start, x.size(1), x.device)), self.heads(v)
         return cache.append(k, v, self.block_size) if cache is not None else (k, v)
 
-    def forward(self, x, cache=None, rows=None, q_idx=None, prefix=None):
+    def forward(self, x, cache=None, rows=None, q_idx=None, prefix=0):
         """x: (B, T, C) normed states of T new tokens. Queries come from all of them, or with
         rows (R,) and q_idx (R, Tq) from x[rows] gathered at q_idx (the tokens still going deep).
-        prefix: (B, P, C) normed states of earlier exited tokens whose K/V is still to be written;
-        it shares this call's qkv projection (one step instead of two) and asks no queries."""
+        prefix: how many of x's first tokens are earlier exited ones whose K/V is still to be
+        written; they share this call's qkv projection (one step instead of two) and ask no queries."""
         B, T, C = x.size()
+        T -= prefix
         start = cache.length if cache is not None else 0
         ragged = not isinstance(start, int)  # rows at different lengths: (B,) starts
         if q_idx is None:
-            both = x if prefix is None else torch.cat([prefix, x], dim=1)
-            pos = positions(start, both.size(1), x.device)
-            q, k, v = self.c_attn(both).split(C, dim=2)
+            pos = positions(start, x.size(1), x.device)
+            q, k, v = self.c_attn(x).split(C, dim=2)
             q, k, v = self.heads(q, pos), self.heads(k, pos), self.heads(v)
-            if prefix is not None:
-                q, start = q[:, :, -T:], start + prefix.size(1)
+            if prefix:
+                q, start = q[:, :, prefix:], start + prefix
             if cache is not None:
                 k, v = cache.append(k, v, self.block_size)  # (B, nh, start + T, hs)
         else:  # true early exit: K/V for every token, a query only for the deep ones
@@ -228,12 +228,13 @@ class Block(nn.Module):
             return x
         pending = None
         if cache is not None and cache.pending is not None:
-            pending, cache.pending = self.ln_1(cache.pending), None
+            pending, cache.pending = cache.pending, None
         if deep is None or deep.all():
-            x = x + self.attn(self.ln_1(x), cache, prefix=pending)
+            both = x if pending is None else torch.cat([pending, x], dim=1)
+            x = x + self.attn(self.ln_1(both), cache, prefix=both.size(1) - x.size(1))
             return x + self.mlp(self.ln_2(x))
         if pending is not None:
-            self.attn.write_kv(pending, cache)
+            self.attn.write_kv(self.ln_1(pending), cache)
         # the work that is left: rows with a deep token, and in each its deep positions, in order,
         # then padding (a stable sort on "exited?"); the padding is computed but never written
         n_deep = deep.sum(1)
@@ -373,15 +374,20 @@ class GPT(nn.Module):
         whole_batch: CALM's batch rule [3], the tokens at a position leave only all together, when
         the least confident row clears the threshold (no gathering of rows; all or nothing).
         Returns logits (B, T, V), the layer each token left at (B, T), the confidence at the
-        first exit point (B, T; None without exit checks)."""
+        first exit point checked (B, T; None without exit checks). An exit whose threshold is 1.0
+        is not checked: no token could leave there, so its head is not computed."""
         cfg = self.config
         x = self.embed(idx, cache[0].length if cache else 0)
         depth = torch.full(idx.shape, cfg.n_layer, device=idx.device)
         logits = first_conf = deep = None  # deep: tokens still in flight (None = all of them)
         for k, block in enumerate(self.transformer.h, 1):
+            if deep is not None and not deep.any():  # every token has left: the layers above owe
+                for c in cache[k - 1:] if cache else []:  # only their K/V, written when the next
+                    c.defer(x)                            # deep token needs it
+                break
             prev, x = x, block(x, deep, cache[k - 1] if cache else None)
-            if threshold is None or k not in cfg.exits or (deep is not None and not deep.any()):
-                continue
+            if threshold is None or k not in cfg.exits or check_threshold(at_exit(threshold, k)) >= 1.0:
+                continue  # no exit here (threshold 1.0 never exits: its head need not be computed)
             exit_logits = self.head(k, x)
             conf = confidence_at(confidence, k)(exit_logits, x, prev)
             first_conf = conf if first_conf is None else first_conf

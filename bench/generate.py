@@ -33,7 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=cli.number(int, 1), default=300, help="characters generated per timed run")
     p.add_argument("--rounds", type=cli.number(int, 1), default=5, help="rounds, each timing every method once")
     p.add_argument("--threshold", type=cli.threshold, default=None, help="confidence threshold for the exit methods "
-                   "(default: the median exit confidence on the text, so that about half the characters exit)")
+                   "(default: the median confidence at the first exit routed through, on the text, so that about half the characters leave there)")
+    p.add_argument("--route-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
+                   help="exits the confidence-exit methods route through, comma list (default: every trained exit); "
+                        "the others get threshold 1.0, so their heads are never computed")
     p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1)), default=[2, 3, 4, 6],
                    help="speculative drafts to try; the fastest (with the best draft exit) is timed")
     p.add_argument("--draft-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
@@ -100,12 +103,18 @@ def main(args):
     if not set(exits) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--draft-exits {','.join(map(str, exits))}: {args.checkpoint}'s trained exits are "
                              f"{cfg.trained_exits}; draft with those")
+    route = args.route_exits or cfg.trained_exits
+    if not set(route) <= set(cfg.trained_exits):
+        raise ee.EEminiError(f"--route-exits {','.join(map(str, route))}: {args.checkpoint}'s trained exits are "
+                             f"{cfg.trained_exits}; route through those")
     val, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, val, 64, device)
-    tau = args.threshold if args.threshold is not None else round(stats["conf"]["softmax"][cfg.exits[0]].median().item(), 3)
+    tau = args.threshold if args.threshold is not None else round(stats["conf"]["softmax"][route[0]].median().item(), 3)
+    tau_at = tau if route == cfg.exits else {k: tau if k in route else 1.0 for k in cfg.exits}
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"device {device} | {cli.machine(device)}")
-    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau} | "
+    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau}"
+          f"{'' if route == cfg.exits else ' at exits ' + ','.join(map(str, route))} | "
           f"{args.new_tokens} new characters a run, greedy | median of {args.rounds} interleaved rounds")
     print("\n| batch | method | tok/s | speedup | exited / accepted | layer-count speedup | PPL cost |")
     print("|---|---|---|---|---|---|---|")
@@ -113,7 +122,7 @@ def main(args):
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
         spec = fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, device)
-        runs = methods(model, tau, spec)
+        runs = methods(model, tau_at, spec)
         secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up
             for name, fn in runs.items():
@@ -134,7 +143,7 @@ def main(args):
             else:
                 shown = f"{100 * (extra < cfg.n_layer).float().mean():.0f}% exited"
                 layer = f"{100 / ee.compute_percent(extra, cfg.n_layer):.2f}x"
-                e = measure.exit_metrics(model, val, tau, bs, device, whole_batch=name.startswith("CALM"))
+                e = measure.exit_metrics(model, val, tau_at, bs, device, whole_batch=name.startswith("CALM"))
                 cost = f"{100 * (e['ppl'] / full - 1):+.1f}%"
             print(f"| {bs} | {name} | {speed:,.0f} | {base * speed / (bs * args.new_tokens):.2f}x | {shown} | {layer} | {cost} |")
     print(f"\nPPL cost: true-exit PPL at the threshold over full depth's ({full:.3f}) on {len(val):,} characters of "

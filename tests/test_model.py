@@ -223,6 +223,26 @@ def test_true_exit_matches_the_independent_reference(exits):
         assert thr != mid or 0 < (depth < 4).sum() < 48  # some exit, some go deep
 
 
+
+def test_an_exit_at_threshold_one_is_never_computed():
+    """Threshold 1.0 at exit 1 of exits [1, 2]: its head is never called (it could not send a token
+    out), and the routing equals the model's with exit 2 alone, in a batch and token by token."""
+    model = make_model(n_layer=4, exits=[1, 2])
+    x = torch.randint(0, 23, (3, 16))
+    thr = {1: 1.0, 2: mid_threshold(model, x, 2)}
+    calls = []
+    hook = model.exit_heads["1"].register_forward_hook(lambda *a: calls.append(1))
+    logits, depth, _ = model.forward_exit(x, thr)
+    cache = decode.new_cache(4)
+    cached = torch.cat([model.forward_exit(x[:, t : t + 1], thr, cache=cache)[0] for t in range(16)], 1)
+    hook.remove()
+    model.config.exits = [2]
+    want, want_depth = reference_exit(model, x, thr[2])
+    assert not calls and torch.equal(depth, want_depth) and 0 < (depth == 2).sum() < 48
+    assert torch.allclose(logits, want, atol=1e-6) and torch.allclose(cached, want, atol=1e-5)
+    with pytest.raises(ee.EEminiError, match="outside"):  # a threshold out of range is still refused
+        model.forward_exit(x, {2: 1.5})
+
 def test_exit_mode_endpoints_equal_full_and_shallow_models():
     model = make_model()
     x = torch.randint(0, 23, (3, 16))
