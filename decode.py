@@ -104,18 +104,17 @@ class KVCache:
             self.length = int(new[0]) if (new == new[0]).all() else new
 
     def set_rows(self, rows, other, batch):
-        """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows, holds:
-        a row's context refilled while the other rows go on."""
-        assert self.pending is None and other.pending is None
+        """Make these rows (of a batch of `batch`) hold what `other`, a cache of len(rows) rows with
+        one length, holds: a row's context refilled while the other rows go on."""
+        assert self.pending is None and other.pending is None and isinstance(other.length, int)
         if other.k is not None:
             if self.k is None:
                 self.k = other.k.new_zeros(batch, *other.k.shape[1:])
                 self.v = other.v.new_zeros(batch, *other.v.shape[1:])
-            end = int(other.length if isinstance(other.length, int) else other.length.max())
-            self.k[rows, :, :end] = other.k[:, :, :end]  # past a row's own length: finite, masked by position
-            self.v[rows, :, :end] = other.v[:, :, :end]
+            self.k[rows, :, : other.length] = other.k[:, :, : other.length]
+            self.v[rows, :, : other.length] = other.v[:, :, : other.length]
         length = torch.full((batch,), self.length, device=rows.device) if isinstance(self.length, int) else self.length.clone()
-        length[rows] = torch.as_tensor(other.length, device=rows.device)
+        length[rows] = other.length
         self.length = int(length[0]) if (length == length[0]).all() else length
 
 
@@ -308,28 +307,22 @@ def accept(drafts, q, p, generator, limit=None):
 
 def refill(model, cache, rows, starts):
     """Rows whose next prediction lies beyond their context window get their cache rebuilt from the
-    new window's text (all but the newest character, which the next cycle feeds). The rows due in one
-    cycle share one prefill pass, their texts padded at the end to the longest: causal attention keeps
-    the padding out of each text's states, and each row's cache is cut back to its own text. (Rows
-    drift apart, so at batch 16 most refills came two or three rows at a time, each its own length:
-    one pass for them all costs about what one row alone did.)"""
-    device = cache_device(model)
-    due = [b for b, r in enumerate(rows) if window(len(r), model.config.block_size) != starts[b]]
-    if not due:
-        return
-    texts = []
-    for b in due:
-        starts[b] = window(len(rows[b]), model.config.block_size)
-        texts.append(rows[b][starts[b]:-1])
-    longest = max(map(len, texts))
-    fresh = new_cache(model.config.n_layer, cache[0].spare)
-    if longest:
-        x = model.embed(torch.tensor([t + [0] * (longest - len(t)) for t in texts], device=device))
-        for block, c in zip(model.transformer.h, fresh):
-            x = block(x, None, c)
-            c.truncate(torch.tensor([len(t) for t in texts], device=device))
-    for c, f in zip(cache, fresh):
-        c.set_rows(torch.tensor(due, device=device), f, len(rows))
+    new window's text (all but the newest character, which the next cycle feeds); rows refilled
+    together with texts of one length share one prefill pass."""
+    due, device = {}, cache_device(model)
+    for b, r in enumerate(rows):
+        s = window(len(r), model.config.block_size)
+        if s != starts[b]:
+            starts[b] = s
+            due.setdefault(len(r) - 1 - s, []).append(b)
+    for length, batch in due.items():
+        fresh = new_cache(model.config.n_layer, cache[0].spare)
+        if length:
+            x = model.embed(torch.tensor([rows[b][starts[b]:-1] for b in batch], device=device))
+            for block, c in zip(model.transformer.h, fresh):
+                x = block(x, None, c)
+        for c, f in zip(cache, fresh):
+            c.set_rows(torch.tensor(batch, device=device), f, len(rows))
 
 
 def cache_device(model):

@@ -172,31 +172,6 @@ def test_cache_storage_past_a_rows_length_holds_no_garbage():
     assert torch.equal(fresh.k[0], torch.zeros(1, 8, 4)) and torch.equal(fresh.k[1, :, :3], k[0])
 
 
-
-def test_rows_due_together_share_one_prefill():
-    """Three of four rows cross their windows in one cycle, each at its own length: one prefill pass
-    rebuilds all three (their texts padded to the longest), and every row's cache holds what
-    refilling it alone gives, up to its own length; the row not due keeps its cache untouched."""
-    model = model64()
-    text = torch.randint(0, 23, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
-    rows, starts, cache = [t[:12] for t in text], [None] * 4, decode.new_cache(4)
-    decode.refill(model, cache, rows, starts)
-    kept = cache[3].k[3].clone()
-    rows = [text[0][:17], text[1][:19], text[2][:22], text[3][:12]]  # block 16: windows move at 17
-    passes = []
-    hook = model.transformer.h[0].register_forward_hook(lambda *a: passes.append(1))
-    decode.refill(model, cache, rows, starts)
-    hook.remove()
-    assert len(passes) == 1 and starts == [8, 8, 8, 0]
-    assert cache[0].length.tolist() == [8, 10, 13, 11]
-    for b in range(3):
-        alone, s = decode.new_cache(4), [None]
-        decode.refill(model, alone, [rows[b]], s)
-        for c, a in zip(cache, alone):
-            n = a.length
-            assert torch.allclose(c.k[b, :, :n], a.k[0, :, :n], atol=1e-12) and torch.allclose(c.v[b, :, :n], a.v[0, :, :n], atol=1e-12)
-    assert torch.equal(cache[3].k[3], kept)
-
 def test_a_row_at_its_windows_end_keeps_fewer_drafts_while_the_others_draft_on():
     """Row 0 stands at the end of its context window (it may keep no draft), row 1 has room for ten.
     With spare room in the cache row 1 drafts and keeps all four (the draft is the full model), row 0
