@@ -7,6 +7,7 @@ Beside each: how much exits (or is accepted), the layer-count speedup, and the P
 
     python bench/generate.py ckpt.pt --data ../shared/data/wikitext-2
     python bench/generate.py big.pt --batch-sizes 1,16,128 --new-tokens 200
+    python bench/generate.py big.pt --batch-sizes 1 --route-exits 2    # confidence exit through exit 2 alone
 """
 
 import statistics
@@ -113,8 +114,8 @@ def main(args):
     tau_at = tau if route == cfg.exits else {k: tau if k in route else 1.0 for k in cfg.exits}
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"device {device} | {cli.machine(device)}")
-    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau}"
-          f"{'' if route == cfg.exits else ' at exits ' + ','.join(map(str, route))} | "
+    where = "" if route == cfg.exits else f" at exit{'s' if len(route) > 1 else ''} {','.join(map(str, route))}"
+    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau}{where} | "
           f"{args.new_tokens} new characters a run, greedy | median of {args.rounds} interleaved rounds")
     print("\n| batch | method | tok/s | speedup | exited / accepted | layer-count speedup | PPL cost |")
     print("|---|---|---|---|---|---|---|")

@@ -90,10 +90,12 @@ def test_acceptance_benchmark_prints_what_decoding_accepts(trained, capsys):
                         f"{100 * (stats['top'][1] == stats['top'][3]).float().mean():.1f}%", f"{100 * spec.acceptance:.1f}%"]
 
 
-def test_generate_benchmark_drafts_only_with_a_trained_exit(trained):
+def test_generate_benchmark_drafts_and_routes_only_with_a_trained_exit(trained):
     module = load("bench/generate.py")
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--draft-exits", "2", "--device", "cpu"])
     assert msg.startswith("error: --draft-exits 2: ") and msg.endswith("trained exits are [1]; draft with those")
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--route-exits", "2", "--device", "cpu"])
+    assert msg.startswith("error: --route-exits 2: ") and msg.endswith("trained exits are [1]; route through those")
 
 
 def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
