@@ -377,6 +377,7 @@ class GPT(nn.Module):
         first exit point checked (B, T; None without exit checks). An exit whose threshold is 1.0
         is not checked: no token could leave there, so its head is not computed."""
         cfg = self.config
+        checked = {} if threshold is None else checked_exits(threshold, cfg.exits)
         x = self.embed(idx, cache[0].length if cache else 0)
         depth = torch.full(idx.shape, cfg.n_layer, device=idx.device)
         logits = first_conf = deep = None  # deep: tokens still in flight (None = all of them)
@@ -386,12 +387,12 @@ class GPT(nn.Module):
                     c.defer(x)                            # deep token needs it
                 break
             prev, x = x, block(x, deep, cache[k - 1] if cache else None)
-            if threshold is None or k not in cfg.exits or check_threshold(at_exit(threshold, k)) >= 1.0:
-                continue  # no exit here (threshold 1.0 never exits: its head need not be computed)
+            if k not in checked:
+                continue
             exit_logits = self.head(k, x)
             conf = confidence_at(confidence, k)(exit_logits, x, prev)
             first_conf = conf if first_conf is None else first_conf
-            leave = exit_mask(conf, at_exit(threshold, k))
+            leave = exit_mask(conf, checked[k])
             leave = leave.all(0, keepdim=True).expand_as(leave) if whole_batch else leave
             leave = leave if deep is None else deep & leave
             if not leave.any():  # the common case while decoding a hard token: nothing to record
@@ -459,6 +460,16 @@ def exit_mask(conf, threshold):
 def at_exit(threshold, k):
     """The threshold of exit k: one number for every exit, or {exit layer: threshold}."""
     return threshold[k] if isinstance(threshold, dict) else threshold
+
+
+def checked_exits(threshold, exits):
+    """{exit: its threshold} for the exits a token may leave at, each threshold checked to lie in
+    [0, 1]. An exit at threshold 1.0 lets nothing out, so it is left out: true early exit does not
+    compute its head, and FLOPs% does not charge it."""
+    if isinstance(threshold, dict) and not set(exits) <= set(threshold):
+        raise EEminiError(f"thresholds given for exits {sorted(threshold)}; give one for each of {list(exits)}")
+    at = {k: check_threshold(at_exit(threshold, k)) for k in exits}
+    return {k: t for k, t in at.items() if t < 1.0}
 
 
 def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
@@ -574,13 +585,14 @@ def kv_layers(depth, n_layer):
     return (after.clamp(max=n_layer) - depth).clamp(min=0)
 
 
-def flops_percent(depth, cfg, context=None):
+def flops_percent(depth, cfg, context=None, checked=None):
     """FLOPs of this routing under true early exit, as % of a plain n_layer GPT with one head.
-    Counts what Compute% hides: every exit head a token reaches, and the K/V an exited token still
-    computes in the layers above its exit that later tokens of its window reach.
+    Counts what Compute% hides: every exit head a token reaches (of the exits `checked`, default all:
+    one at threshold 1.0 computes none), and the K/V an exited token still computes in the layers
+    above its exit that later tokens of its window reach.
     depth: (..., T) with windows along the last dimension."""
     layer, head, kv = flops_per_token(cfg, context)
     L, d = cfg.n_layer, depth.double()
-    heads = sum((d >= k).double() for k in cfg.exits) + (d == L).double()
+    heads = sum((d >= k).double() for k in (cfg.exits if checked is None else checked)) + (d == L).double()
     cost = d * layer + heads * head + kv_layers(d, L) * kv
     return 100.0 * cost.mean().item() / (L * layer + head)

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from data import eval_windows
-from eemini import CONFIDENCE, compute_percent, exit_depth, flops_percent, pick_by_depth
+from eemini import CONFIDENCE, checked_exits, compute_percent, exit_depth, flops_percent, pick_by_depth
 
 # ----------------------------------------------------------------------------------------------
 # per-token statistics and the metrics read from them
@@ -96,7 +96,7 @@ def summarize(ce, depth, cfg, threshold, window=None):
     return {"threshold": threshold, "ppl": ppl(ce),
             "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
             "compute": compute_percent(depth, cfg.n_layer),
-            "flops": flops_percent(depth.view(-1, window or cfg.block_size), cfg)}
+            "flops": flops_percent(depth.view(-1, window or cfg.block_size), cfg, checked=checked_exits(threshold, cfg.exits))}
 
 
 @torch.no_grad()

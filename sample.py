@@ -73,9 +73,12 @@ def main(args):
     cfg = model.config
     threshold = thresholds(args, cfg)
     confidence = learned.resolve(args.confidence, learned.from_checkpoint(ckpt, device))
-    if cfg.trained_exits != cfg.exits and (min(args.threshold) < 1.0 or args.speculative):
-        why = "has no exit point" if not cfg.exits else f"was trained with loss weights {cfg.loss_weights}: its exit head was never trained"
-        raise ee.EEminiError(f"{args.checkpoint} {why}; generate at full depth with --threshold 1.0")
+    if not cfg.exits and (min(args.threshold) < 1.0 or args.speculative):
+        raise ee.EEminiError(f"{args.checkpoint} has no exit point; generate at full depth with --threshold 1.0")
+    untrained = [k for k in cfg.exits if k not in cfg.trained_exits]  # an exit at threshold 1.0 is never read
+    if any(ee.at_exit(threshold, k) < 1.0 for k in untrained) or (args.speculative and (args.draft_exit or cfg.exits[0]) in untrained):
+        raise ee.EEminiError(f"{args.checkpoint} was trained with loss weights {cfg.loss_weights}: the head of exit "
+                             f"{', '.join(map(str, untrained))} was never trained; give it threshold 1.0")
     prompt = vocab.encode(args.prompt).to(device).repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()

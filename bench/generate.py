@@ -104,7 +104,7 @@ def main(args):
     if not set(exits) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--draft-exits {','.join(map(str, exits))}: {args.checkpoint}'s trained exits are "
                              f"{cfg.trained_exits}; draft with those")
-    route = args.route_exits or cfg.trained_exits
+    route = sorted(set(args.route_exits)) or cfg.trained_exits
     if not set(route) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--route-exits {','.join(map(str, route))}: {args.checkpoint}'s trained exits are "
                              f"{cfg.trained_exits}; route through those")

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import decode
 import eemini as ee
+import measure
 from conftest import make_model, mid_threshold
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +224,6 @@ def test_true_exit_matches_the_independent_reference(exits):
         assert thr != mid or 0 < (depth < 4).sum() < 48  # some exit, some go deep
 
 
-
 def test_an_exit_at_threshold_one_is_never_computed():
     """Threshold 1.0 at exit 1 of exits [1, 2]: its head is never called (it could not send a token
     out), and the routing equals the model's with exit 2 alone, in a batch and token by token."""
@@ -240,8 +240,12 @@ def test_an_exit_at_threshold_one_is_never_computed():
     want, want_depth = reference_exit(model, x, thr[2])
     assert not calls and torch.equal(depth, want_depth) and 0 < (depth == 2).sum() < 48
     assert torch.allclose(logits, want, atol=1e-6) and torch.allclose(cached, want, atol=1e-5)
-    with pytest.raises(ee.EEminiError, match="outside"):  # a threshold out of range is still refused
-        model.forward_exit(x, {2: 1.5})
+    model.config.exits = [1, 2]  # every exit's threshold is checked, also where no token gets to
+    for bad, match in (({1: 1.5, 2: 0.5}, "outside"), ({1: 0.0, 2: float("nan")}, "outside"),
+                       ({2: 0.5}, "give one for each of \\[1, 2\\]")):
+        with pytest.raises(ee.EEminiError, match=match):
+            model.forward_exit(x, bad)
+
 
 def test_exit_mode_endpoints_equal_full_and_shallow_models():
     model = make_model()
@@ -435,6 +439,13 @@ def test_flops_percent_counts_heads_and_the_kv_that_is_computed():
     # one exited token before a deep one: its K/V in layers 2 and 3
     mixed = (layer + head + 2 * kv) + (3 * layer + 2 * head) + 2 * (layer + head)
     assert ee.flops_percent(torch.tensor([[1, 3, 1, 1]]), cfg) == pytest.approx(100 * mixed / 4 / full)
+    # at threshold 1.0 the exit's head is never computed: full depth is the plain model, 100%
+    assert ee.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg, checked=[]) == pytest.approx(100.0)
+    depth = torch.full((1, 4), 3)
+    assert measure.summarize(torch.zeros(4), depth, cfg, 1.0, window=4)["flops"] == pytest.approx(100.0)
+    assert measure.summarize(torch.zeros(4), depth, cfg, 0.99, window=4)["flops"] == pytest.approx(100 * (full + head) / full)
+    two = ee.GPTConfig(vocab_size=100, block_size=4, n_layer=3, n_embd=32, n_head=2, exits=[1, 2])
+    assert measure.summarize(torch.zeros(4), depth, two, {1: 1.0, 2: 0.5}, window=4)["flops"] == pytest.approx(100 * (full + head) / full)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,8 +36,22 @@ def test_colours_by_depth(ckpts, capsys):
 
 def test_refuses_an_untrained_exit_head(ckpts):
     msg = cli_error(sample.main, sample.parse_args, [str(ckpts / "final.pt"), "--threshold", "0.5", "--max-new-tokens", "5"])
-    assert "its exit head was never trained" in msg and "--threshold 1.0" in msg
+    assert "the head of exit 1 was never trained; give it threshold 1.0" in msg
     sample.main(sample.parse_args([str(ckpts / "final.pt"), "--threshold", "1.0", "--max-new-tokens", "5"]))
+
+
+def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, capsys):
+    """Exits 1 and 2 with only exit 2 in the loss: exit 1 at threshold 1.0 is never read, so routing
+    through exit 2 alone is allowed; exit 1 below 1.0 is refused."""
+    (tmp_path / "tiny.txt").write_text(__import__("conftest").tiny_text())
+    out = tmp_path / "two.pt"
+    train.main(train.parse_args(["--data", str(tmp_path / "tiny.txt"), "--out", str(out), *TINY_TRAIN,
+                                 "--n-layer", "4", "--exit-layers", "1,2", "--layer-weights", "0,0.5,0,0.5"]))
+    capsys.readouterr()
+    sample.main(sample.parse_args([str(out), "--threshold", "1,0", "--max-new-tokens", "20", "--color", "never"]))
+    assert "exited at layer 1: 0.0%, at layer 2: 100.0%" in capsys.readouterr().out
+    msg = cli_error(sample.main, sample.parse_args, [str(out), "--threshold", "0.5,1", "--max-new-tokens", "5"])
+    assert "the head of exit 1 was never trained" in msg
 
 
 @pytest.mark.parametrize("argv, match", [

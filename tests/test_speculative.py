@@ -172,6 +172,23 @@ def test_cache_storage_past_a_rows_length_holds_no_garbage():
     assert torch.equal(fresh.k[0], torch.zeros(1, 8, 4)) and torch.equal(fresh.k[1, :, :3], k[0])
 
 
+
+def test_rows_at_different_lengths_append_at_their_own_ends():
+    """Three rows at lengths 2, 6 and 4 take three new tokens each: row b's go to slots len_b ..
+    len_b + 2, and nothing else in the cache moves."""
+    cache, old = decode.KVCache(spare=2), torch.randn(3, 2, 6, 4)
+    cache.append(old, -old, block_size=10)
+    cache.truncate(torch.tensor([2, 6, 4]))
+    k_before, v_before = cache.k.clone(), cache.v.clone()
+    new = torch.randn(3, 2, 3, 4)
+    k, v = cache.append(new, 2 * new, block_size=10)
+    assert cache.length.tolist() == [5, 9, 7] and k.shape == (3, 2, 9, 4)
+    for b, n in enumerate([2, 6, 4]):
+        slots = torch.zeros(12, dtype=torch.bool)
+        slots[n : n + 3] = True
+        assert torch.equal(cache.k[b][:, slots], new[b]) and torch.equal(cache.v[b][:, slots], 2 * new[b])
+        assert torch.equal(cache.k[b][:, ~slots], k_before[b][:, ~slots]) and torch.equal(cache.v[b][:, ~slots], v_before[b][:, ~slots])
+
 def test_a_row_at_its_windows_end_keeps_fewer_drafts_while_the_others_draft_on():
     """Row 0 stands at the end of its context window (it may keep no draft), row 1 has room for ten.
     With spare room in the cache row 1 drafts and keeps all four (the draft is the full model), row 0
