@@ -17,6 +17,8 @@ Each model is trained by its own `python train.py ...` (or `exit_classifier.py`)
 goes to `<out-dir>/<name>-seed<k>.log`; random seed k trains with --seed 1337+k. Interrupt at any time
 and run the same command again: finished runs (a `<name>-seed<k>.json` beside the checkpoint, with the
 same arguments) are skipped, an unfinished checkpoint is resumed.
+After a change to what is measured, `--remeasure` measures every finished run again without
+training it, keeping the time its training took.
 """
 
 import csv
@@ -81,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=cli.number(int, 1), default=1, help="runs at a time, each its own process; with "
                    "more than one, each gets cores / jobs torch threads (unless --threads says otherwise)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, 1 seed, into runs/quick")
+    p.add_argument("--remeasure", action="store_true", help="measure every finished run again (after a change to "
+                   "what is measured), keeping the time its training took; nothing is retrained")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, per-run JSON (default runs/, --quick runs/quick)")
     p.add_argument("--results", default=None, help="RESULTS.md to write (default RESULTS.md; --quick in --out-dir); "
                    "results.csv and PNG plots go beside it")
@@ -214,35 +218,39 @@ def run_all(args):
                 argv = [*common, *spec, *args.ec_args]
             side = out / f"{name}-seed{k}.json"
             done = json.loads(side.read_text()) if side.exists() else None
+            if done and "finished" not in done:  # older side files: when they were written
+                done["finished"] = side.stat().st_mtime
             jobs.append((name, script, k, argv, side, done if done and done["argv"] == argv else None))
-    todo, t0, times = [j for j in jobs if j[-1] is None], time.time(), []
+    todo, t0, times = [j for j in jobs if j[-1] is None or args.remeasure], time.time(), []
 
     def work(job):
-        name, script, k, argv, side, _ = job
+        name, script, k, argv, side, earlier = job
         start = time.time()
         metrics = run_one(script, argv, out / f"{name}-seed{k}", args)
         done = {"argv": argv, "seconds": time.time() - start, "finished": time.time(), "metrics": metrics}
+        if earlier:  # measured again: the run still took what its training took
+            done = {**earlier, "metrics": metrics}
         ck.write_text(side, json.dumps(done))
-        return done
+        return done, time.time() - start
 
     for i, (name, _, k, *_, done) in enumerate(jobs, 1):
-        if done is not None:
+        if done is not None and not args.remeasure:
             print(f"[{i:2d}/{len(jobs)}] {name} seed {k} | finished earlier, skipped")
     finished = {}
     with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own process; threads only wait for them
         futures = {pool.submit(work, j): j for j in todo}
         for n, future in enumerate(as_completed(futures), 1):
             name, _, k, *_ = job = futures[future]
-            finished[id(job)] = done = future.result()
-            times.append(done["seconds"])
+            done, took = future.result()
+            finished[id(job)] = done
+            times.append(took)
             eta = statistics.fmean(times) * (len(todo) - n) / args.jobs
-            print(f"[{jobs.index(job) + 1:2d}/{len(jobs)}] {name} seed {k} | {cli.fmt_time(done['seconds'])} | "
+            print(f"[{jobs.index(job) + 1:2d}/{len(jobs)}] {name} seed {k} | {cli.fmt_time(took)} | "
                   f"{headline(done['metrics'])} | elapsed {cli.fmt_time(time.time() - t0)} | ETA {cli.fmt_time(eta)}")
     records = {}
     for job in jobs:
-        done = job[-1] or finished[id(job)]
-        end = done.get("finished", job[4].stat().st_mtime)  # older side files: when they were written
-        records.setdefault(job[0], []).append({**done["metrics"], "seconds": done["seconds"], "finished": end})
+        done = finished.get(id(job)) or job[-1]
+        records.setdefault(job[0], []).append({**done["metrics"], "seconds": done["seconds"], "finished": done["finished"]})
     return records
 
 
@@ -462,13 +470,14 @@ def report(records, args):
     """RESULTS.md text and results.csv text."""
     runs = [r for recs in records.values() for r in recs]
     total = sum(r["seconds"] for r in runs)
-    span = max(r["finished"] for r in runs) - min(r["finished"] - r["seconds"] for r in runs)
+    ends = [r["finished"] for r in runs]  # None: not recorded
+    span = None if None in ends else max(ends) - min(e - r["seconds"] for e, r in zip(ends, runs))
     records = {name: [{k: v for k, v in r.items() if k != "finished"} for r in recs] for name, recs in records.items()}
     agg = {name: aggregate(recs) for name, recs in records.items()}
     A = lambda name, key: agg.get(ALIASES.get(name, name), {}).get(key)  # noqa: E731
     cmd = (f"python reproduce.py --data {args.data or '(download)'} --seeds {args.seeds} --max-iters {args.max_iters} "
            f"--val-chars {args.val_chars} --jobs {args.jobs}" + (f" --train-args '{shlex.join(args.train_args)}'" if args.train_args else "")
-           + (f" --ec-args '{shlex.join(args.ec_args)}'" if args.ec_args else ""))
+           + (f" --ec-args '{shlex.join(args.ec_args)}'" if args.ec_args else "") + (" --remeasure" if args.remeasure else ""))
     t = f"{TAU:g}"
     head = [[what, *(fmt(A(name, k), d=d, unit=u) for k, d, u in (
         ("full/ppl", 3, ""), ("exit_only/ppl", 3, ""), (f"masked/{t}/ppl", 3, ""), (f"exit/{t}/ppl", 3, ""),
@@ -477,8 +486,9 @@ def report(records, args):
         for name, script, what, _ in RUNS if script == "train.py" and name in agg]
     lines = ["# Results: the seed experiments, reproduced", "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
-             f"The runs took {cli.fmt_time(span)} from the first start to the last end, {args.jobs} at a time "
-             f"({cli.fmt_time(total)} counting each one alone).", "",
+             + (f"The runs took {cli.fmt_time(span)} from the first start to the last end, {args.jobs} at a time "
+                f"({cli.fmt_time(total)} counting each one alone)." if span is not None else
+                f"The runs took {cli.fmt_time(total)} counting each one alone (when each ran is not recorded)."), "",
              f"Each cell: mean ± sample std over {args.seeds} random seed(s), [the seed report's figure] beside it. "
              f"Every train.py model: {args.max_iters} steps of 32 x 128 characters (an equal budget), "
              f"validation PPL on the first {args.val_chars:,} characters of the valid split. Where a table has no "

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import reproduce
 from seeds import CLAIMS
@@ -103,3 +104,18 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt") if p.name != "aux-seed0.pt"} == \
         {k: v for k, v in stamps.items() if k != "aux-seed0.pt"}
     assert json.loads((out / "aux-seed0.json").read_text())["metrics"]["full/ppl"] == pytest.approx(aux["full/ppl"])
+
+    # --remeasure: every finished run measured again, nothing retrained, each keeps its training time
+    sides = {p.name: json.loads(p.read_text()) for p in out.glob("*-seed0.json")}
+    weights = {p.name: torch.load(p, weights_only=True)["model"] for p in out.glob("*.pt")}
+    reproduce.main(reproduce.parse_args([*argv, "--remeasure"]))
+    printed = capsys.readouterr().out
+    assert "finished earlier, skipped" not in printed and all(f"] {name} seed 0 |" in printed for name in names)
+    for name, before in weights.items():  # resumed at its last step, so saved again, the same weights
+        after = torch.load(out / name, weights_only=True)["model"]
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    for name, before in sides.items():
+        after = json.loads((out / name).read_text())
+        assert (after["seconds"], after["finished"]) == (before["seconds"], before["finished"])
+        assert after["metrics"] == pytest.approx(before["metrics"])
+    assert "--remeasure` on" in (out / "RESULTS.md").read_text()
