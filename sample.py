@@ -33,7 +33,7 @@ def parse_args(argv=None):
                    "this (1.0 = full depth); one for every exit, or a comma list with one an exit")
     p.add_argument("--speculative", type=cli.number(int, 0), default=0, help="self-speculative decoding with drafts "
                    "of up to this many characters (0 = off): the full model's text, not early exit's")
-    p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first)")
+    p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first trained exit)")
     p.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
                    "learned router the checkpoint holds (router-kl, router-loss, router-consistency)")
     p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
@@ -73,18 +73,23 @@ def main(args):
     cfg = model.config
     threshold = thresholds(args, cfg)
     confidence = learned.resolve(args.confidence, learned.from_checkpoint(ckpt, device))
-    if not cfg.exits and (min(args.threshold) < 1.0 or args.speculative):
-        raise ee.EEminiError(f"{args.checkpoint} has no exit point; generate at full depth with --threshold 1.0")
-    untrained = [k for k in cfg.exits if k not in cfg.trained_exits]  # an exit at threshold 1.0 is never read
-    if any(ee.at_exit(threshold, k) < 1.0 for k in untrained) or (args.speculative and (args.draft_exit or cfg.exits[0]) in untrained):
-        raise ee.EEminiError(f"{args.checkpoint} was trained with loss weights {cfg.loss_weights}: the head of exit "
-                             f"{', '.join(map(str, untrained))} was never trained; give it threshold 1.0")
+    untrained = [k for k in cfg.exits if k not in cfg.trained_exits]
+    draft = args.draft_exit or next(iter(cfg.trained_exits), None)
+    why = f"{args.checkpoint} was trained with loss weights {cfg.loss_weights}: the head of exit"
+    if args.speculative and draft is None:
+        raise ee.EEminiError(f"{args.checkpoint} has no trained exit to draft with; drop --speculative")
+    if args.speculative and draft in untrained:
+        raise ee.EEminiError(f"{why} {draft} was never trained; draft with --draft-exit "
+                             f"{' or '.join(map(str, cfg.trained_exits))}")
+    never = [k for k in untrained if ee.at_exit(threshold, k) < 1.0]  # an exit at threshold 1.0 is never read
+    if never and not args.speculative:
+        raise ee.EEminiError(f"{why} {', '.join(map(str, never))} was never trained; give it threshold 1.0")
     prompt = vocab.encode(args.prompt).to(device).repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with cli.autocast(device):
         if args.speculative:
-            ids, stats = decode.speculative(model, prompt, args.max_new_tokens, args.draft_exit or cfg.exits[0],
+            ids, stats = decode.speculative(model, prompt, args.max_new_tokens, draft,
                                               args.speculative, args.temperature, args.top_k or None, gen)
             depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
         else:
@@ -100,7 +105,7 @@ def main(args):
     speed = f"{depths.numel():,} characters in {dt:.2f}s = {depths.numel() / dt:,.0f} tok/s"
     if args.speculative:
         print(f"{speed} | self-speculative, drafts of up to {args.speculative} by the exit after layer "
-              f"{args.draft_exit or cfg.exits[0]}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
+              f"{draft}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
               f"characters a full-model pass")
         return
     exited = ", ".join(f"at layer {k}: {100 * (depths == k).float().mean().item():.1f}%" for k in cfg.exits) or "none"

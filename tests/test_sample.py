@@ -19,6 +19,8 @@ def ckpts(tmp_path_factory):
     for loss in ("asym", "final"):
         train.main(train.parse_args(["--data", str(tmp / "tiny.txt"), "--out", str(tmp / f"{loss}.pt"),
                                      "--loss", loss, *TINY_TRAIN]))
+    train.main(train.parse_args(["--data", str(tmp / "tiny.txt"), "--out", str(tmp / "plain.pt"), "--loss", "final",
+                                 "--exit-layers", "0", *TINY_TRAIN]))  # no exit at all
     return tmp
 
 
@@ -38,6 +40,10 @@ def test_refuses_an_untrained_exit_head(ckpts):
     msg = cli_error(sample.main, sample.parse_args, [str(ckpts / "final.pt"), "--threshold", "0.5", "--max-new-tokens", "5"])
     assert "the head of exit 1 was never trained; give it threshold 1.0" in msg
     sample.main(sample.parse_args([str(ckpts / "final.pt"), "--threshold", "1.0", "--max-new-tokens", "5"]))
+    for name in ("final", "plain"):  # nothing to draft with; a model without exits generates at any threshold
+        msg = cli_error(sample.main, sample.parse_args, [str(ckpts / f"{name}.pt"), "--speculative", "2", "--max-new-tokens", "5"])
+        assert msg.endswith("has no trained exit to draft with; drop --speculative")
+    sample.main(sample.parse_args([str(ckpts / "plain.pt"), "--max-new-tokens", "5"]))
 
 
 def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, capsys):
@@ -52,6 +58,10 @@ def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, c
     assert "exited at layer 1: 0.0%, at layer 2: 100.0%" in capsys.readouterr().out
     msg = cli_error(sample.main, sample.parse_args, [str(out), "--threshold", "0.5,1", "--max-new-tokens", "5"])
     assert "the head of exit 1 was never trained" in msg
+    sample.main(sample.parse_args([str(out), "--speculative", "3", "--temperature", "0", "--max-new-tokens", "20"]))
+    assert "by the exit after layer 2:" in capsys.readouterr().out  # the first trained exit; thresholds play no part
+    msg = cli_error(sample.main, sample.parse_args, [str(out), "--speculative", "3", "--draft-exit", "1", "--max-new-tokens", "5"])
+    assert msg.endswith("the head of exit 1 was never trained; draft with --draft-exit 2")
 
 
 @pytest.mark.parametrize("argv, match", [
