@@ -17,8 +17,9 @@ Each model is trained by its own `python train.py ...` (or `exit_classifier.py`)
 goes to `<out-dir>/<name>-seed<k>.log`; random seed k trains with --seed 1337+k. Interrupt at any time
 and run the same command again: finished runs (a `<name>-seed<k>.json` beside the checkpoint, with the
 same arguments) are skipped, an unfinished checkpoint is resumed.
-After a change to what is measured, `--remeasure` measures every finished run again without
-training it, keeping the time its training took.
+After a change to what is measured, `--remeasure` measures every finished train.py run again without
+training it, keeping the time its training took (seed 004's cascades keep the figures
+exit_classifier.py saved with them).
 """
 
 import csv
@@ -83,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=cli.number(int, 1), default=1, help="runs at a time, each its own process; with "
                    "more than one, each gets cores / jobs torch threads (unless --threads says otherwise)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, 1 seed, into runs/quick")
-    p.add_argument("--remeasure", action="store_true", help="measure every finished run again (after a change to "
-                   "what is measured), keeping the time its training took; nothing is retrained")
+    p.add_argument("--remeasure", action="store_true", help="measure every finished train.py run again (after a "
+                   "change to what is measured), keeping the time its training took; nothing is retrained")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, per-run JSON (default runs/, --quick runs/quick)")
     p.add_argument("--results", default=None, help="RESULTS.md to write (default RESULTS.md; --quick in --out-dir); "
                    "results.csv and PNG plots go beside it")
@@ -170,16 +171,17 @@ def measure_model(path, args):
 
 
 def run_one(script, argv, stem, args):
-    """Train (or resume) one model, then its figures."""
+    """Train (or resume) one model, then its figures; and whether its checkpoint was there before (kept)."""
     path = Path(f"{stem}.pt")
     argv = [*argv, "--out", str(path), "--device", args.device, *(["--threads", str(args.threads)] if args.threads else [])]
+    kept = ours(stem, argv)
     if script == "train.py":
-        run_script(script, argv, stem, ["--resume" if ours(stem, argv) else "--overwrite"])
-        return measure_model(path, args)
-    if not ours(stem, argv):
+        run_script(script, argv, stem, ["--resume" if kept else "--overwrite"])
+        return measure_model(path, args), kept
+    if not kept:
         run_script(script, argv, stem)
-    ckpt = ck.load_checkpoint(path)
-    return flatten({ckpt["names"][m]: r for m, r in ckpt["metrics"].items()})
+    ckpt = ck.load_checkpoint(path)  # a cascade's figures are the ones exit_classifier.py measured and saved
+    return flatten({ckpt["names"][m]: r for m, r in ckpt["metrics"].items()}), kept
 
 
 def flatten(obj, prefix=""):
@@ -226,9 +228,9 @@ def run_all(args):
     def work(job):
         name, script, k, argv, side, earlier = job
         start = time.time()
-        metrics = run_one(script, argv, out / f"{name}-seed{k}", args)
+        metrics, kept = run_one(script, argv, out / f"{name}-seed{k}", args)
         done = {"argv": argv, "seconds": time.time() - start, "finished": time.time(), "metrics": metrics}
-        if earlier:  # measured again: the run still took what its training took
+        if earlier and kept:  # measured again: the run still took what its training took
             done = {**earlier, "metrics": metrics}
         ck.write_text(side, json.dumps(done))
         return done, time.time() - start
@@ -237,7 +239,8 @@ def run_all(args):
         if done is not None and not args.remeasure:
             print(f"[{i:2d}/{len(jobs)}] {name} seed {k} | finished earlier, skipped")
     finished = {}
-    with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own process; threads only wait for them
+    pool = ThreadPoolExecutor(args.jobs)  # each job is its own process; threads only wait for them
+    try:
         futures = {pool.submit(work, j): j for j in todo}
         for n, future in enumerate(as_completed(futures), 1):
             name, _, k, *_ = job = futures[future]
@@ -247,6 +250,8 @@ def run_all(args):
             eta = statistics.fmean(times) * (len(todo) - n) / args.jobs
             print(f"[{jobs.index(job) + 1:2d}/{len(jobs)}] {name} seed {k} | {cli.fmt_time(took)} | "
                   f"{headline(done['metrics'])} | elapsed {cli.fmt_time(time.time() - t0)} | ETA {cli.fmt_time(eta)}")
+    finally:  # a failed run or Ctrl-C: the runs not started yet are dropped, not run one after another
+        pool.shutdown(wait=True, cancel_futures=True)
     records = {}
     for job in jobs:
         done = finished.get(id(job)) or job[-1]

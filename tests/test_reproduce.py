@@ -119,3 +119,7 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
         assert (after["seconds"], after["finished"]) == (before["seconds"], before["finished"])
         assert after["metrics"] == pytest.approx(before["metrics"])
     assert "--remeasure` on" in (out / "RESULTS.md").read_text()
+    side = json.loads((out / "std1L-seed0.json").read_text())
+    (out / "std1L-seed0.json").write_text(json.dumps({**side, "finished": None}))  # when it ran: not recorded
+    reproduce.main(reproduce.parse_args(argv))
+    assert "counting each one alone (when each ran is not recorded)." in (out / "RESULTS.md").read_text()
