@@ -3,9 +3,10 @@ eemini: confidence-routed early exit for a character-level GPT. This file is the
 
 Easy characters leave the network at a shallow exit; hard ones go through every layer. Read top to
 bottom: config -> attention, MLP, Block -> exit heads and the GPT (training forward with exit
-dropout, true early exit) -> confidence and routing -> loss schemes -> compute accounting. Beside
-it: decode.py, the engine (KV cache, generation, self-speculative decoding), and what the scripts
-share but the model never touches: data.py, optim.py, measure.py, routers.py, checkpoint.py, cli.py.
+dropout, true early exit) -> confidence and the exit rule -> loss schemes. Beside it: decode.py, the
+engine (KV cache, generation, self-speculative decoding), and what the scripts share but the model
+never touches: measure.py (masked routing, Compute% and FLOPs%, the oracle), data.py, optim.py,
+routers.py, checkpoint.py, cli.py.
 
 References
 [1] Teerapittayanon et al. 2016, BranchyNet: fast inference via early exiting. arXiv:1709.01686
@@ -406,6 +407,7 @@ class GPT(nn.Module):
             logits[deep] = self.head(cfg.n_layer, x[deep]).to(logits.dtype)
         return logits, depth, first_conf
 
+
 # ----------------------------------------------------------------------------------------------
 # confidence and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
 
@@ -482,26 +484,6 @@ def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
     return depth
 
 
-def pick_by_depth(by_layer, depth):
-    """Per token, the entry of by_layer ({layer: (…) or (…, V)}) at the layer it left at."""
-    out = by_layer[max(by_layer)]
-    for k in sorted(by_layer)[:-1]:
-        d = depth.unsqueeze(-1) if out.dim() > depth.dim() else depth
-        out = torch.where(d == k, by_layer[k], out)
-    return out
-
-
-def route(logits_by_layer, threshold, exits, confidence="softmax"):
-    """Masked routing (what the seeds measured): every layer ran for every token; each token's
-    output is taken from the exit it left at or the last layer. Returns (logits, depth, conf),
-    conf at the first exit point; depth < n_layer marks the tokens that exited."""
-    n_layer = max(logits_by_layer)
-    confs = {k: CONFIDENCE[confidence](logits_by_layer[k]) for k in exits}
-    depth = exit_depth(confs, threshold, n_layer, logits_by_layer[n_layer].shape[:-1])
-    picked = pick_by_depth({k: logits_by_layer[k] for k in [*exits, n_layer]}, depth)
-    return picked, depth, confs[exits[0]] if exits else None
-
-
 # ----------------------------------------------------------------------------------------------
 # loss schemes: each one a table {layer: weight}; the loss is sum_k weight_k * CE(layer k).
 # Several exit points share the weight a scheme gives "the exit"; with one exit nothing changes.
@@ -556,43 +538,3 @@ def layer_weights(loss, n_layer, exits, alpha=0.5, weights=None):
 
 def weighted_loss(ce_by_layer, weights):
     return sum(weights[k] * ce_by_layer[k] for k in weights)
-
-
-# ----------------------------------------------------------------------------------------------
-# compute accounting
-
-
-def compute_percent(depth, n_layer):
-    """The seeds' Compute%: mean layers run per token / n_layer (shallow*k/L + (1-shallow)*1)."""
-    return 100.0 * depth.float().mean().item() / n_layer
-
-
-def flops_per_token(cfg, context=None):
-    """Forward FLOPs of one token (2 per multiply-add): one layer, one head, one layer's K/V
-    projection. Attention is counted over `context` keys (default: half the block, the mean)."""
-    C, Fd, V = cfg.n_embd, cfg.ffn_dim or 4 * cfg.n_embd, cfg.vocab_size
-    ctx = cfg.block_size / 2 if context is None else context
-    layer = 2 * 4 * C * C + 2 * 2 * ctx * C + 2 * 2 * C * Fd  # qkv + proj, scores + mix, MLP
-    return layer, 2 * C * V, 2 * 2 * C * C
-
-
-def kv_layers(depth, n_layer):
-    """Per token, the layers above its exit where its K/V must be computed: those a *later* token
-    of its window reaches (an exited token lends K/V only to later tokens; lazy decoding computes
-    exactly these). depth: (..., T), windows along the last dimension."""
-    after = depth.flip(-1).cummax(-1).values.flip(-1)  # deepest layer reached from t to the end
-    after = torch.cat([after[..., 1:], torch.zeros_like(after[..., :1])], dim=-1)  # ... after t
-    return (after.clamp(max=n_layer) - depth).clamp(min=0)
-
-
-def flops_percent(depth, cfg, context=None, checked=None):
-    """FLOPs of this routing under true early exit, as % of a plain n_layer GPT with one head.
-    Counts what Compute% hides: every exit head a token reaches (of the exits `checked`, default all:
-    one at threshold 1.0 computes none), and the K/V an exited token still computes in the layers
-    above its exit that later tokens of its window reach.
-    depth: (..., T) with windows along the last dimension."""
-    layer, head, kv = flops_per_token(cfg, context)
-    L, d = cfg.n_layer, depth.double()
-    heads = sum((d >= k).double() for k in (cfg.exits if checked is None else checked)) + (d == L).double()
-    cost = d * layer + heads * head + kv_layers(d, L) * kv
-    return 100.0 * cost.mean().item() / (L * layer + head)

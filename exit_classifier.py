@@ -41,6 +41,7 @@ import checkpoint as ck
 import cascade
 import cli
 import eemini as ee
+import measure
 from data import Vocab, load_data
 from seeds import S004
 
@@ -256,7 +257,7 @@ def report(r, cfg, args):
     """The seed's figures from cascade_eval: PPLs, accuracy, shallow ratio, compute savings."""
     L, bl = sum(args.block_layers), torch.tensor(args.block_layers)
     layers_run = bl.cumsum(0)[r["exit_at"]].double()
-    layer, head, kv = ee.flops_per_token(cfg)  # FLOP view: heads + classifier-free; K/V of exited tokens in place
+    layer, head, kv = measure.flops_per_token(cfg)  # FLOP view: heads + classifier-free; K/V of exited tokens in place
     kv_paid = (L - layers_run) * kv if args.hard_context == "inplace" else 0.0
     flops = layers_run * layer + (r["exit_at"] + 1).double() * head + kv_paid
     ppl = lambda ce: math.exp(ce.mean().item()) if len(ce) else float("nan")  # noqa: E731

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import checkpoint as ck
 import cli
-import eemini as ee
 import measure
 import uncertainty as un
 from data import read_split
@@ -150,7 +149,7 @@ def measure_model(path, args):
     for r in measure.masked_sweep(stats, cfg, THRESHOLDS, ["softmax"]):
         rec.update({f"masked/{r['threshold']:g}/{m}": r[m] for m in ("ppl", "shallow", "compute", "flops",
                                                                      "delta_ppl", "oracle_ppl")})
-        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]},
+        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]},
                                   measure.routed_depth(stats, r["threshold"], cfg))
         _, (lo, hi) = un.bootstrap(routed, stats["ce"][cfg.n_layer], cfg.block_size)
         rec[f"masked/{r['threshold']:g}/delta_lo"], rec[f"masked/{r['threshold']:g}/delta_hi"] = lo, hi

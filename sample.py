@@ -18,6 +18,7 @@ import checkpoint as ck
 import cli
 import eemini as ee
 import decode
+import measure
 import routers as learned
 
 SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones plain
@@ -109,7 +110,7 @@ def main(args):
               f"characters a full-model pass")
         return
     exited = ", ".join(f"at layer {k}: {100 * (depths == k).float().mean().item():.1f}%" for k in cfg.exits) or "none"
-    print(f"{speed} | exited {exited} | Compute {ee.compute_percent(depths, cfg.n_layer):.1f}% | threshold "
+    print(f"{speed} | exited {exited} | Compute {measure.compute_percent(depths, cfg.n_layer):.1f}% | threshold "
           f"{','.join(f'{t:g}' for t in args.threshold)}" + (f" | {SHALLOW}green{RESET} = exited early" if color else ""))
 
 

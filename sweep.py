@@ -133,7 +133,7 @@ def run_sweep(model, ids, args, device, routers):
     rows = measure.masked_sweep(stats, cfg, args.thresholds, args.measures, oracle)
     for r in rows if args.resamples else ():
         depth = measure.routed_depth(stats, r["threshold"], cfg, r["confidence"])
-        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
         (r["ppl_lo"], r["ppl_hi"]), (r["delta_lo"], r["delta_hi"]) = un.bootstrap(
             routed, stats["ce"][cfg.n_layer], stats["window"], args.resamples)
     full = measure.ppl(stats["ce"][cfg.n_layer])
@@ -197,9 +197,9 @@ def risk_of(stats, cfg, threshold, confidence, kind):
     L, T = cfg.n_layer, stats["window"]
     depth = measure.routed_depth(stats, threshold, cfg, confidence)
     if kind == "ppl":
-        routed = ee.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
         return un.window_means(routed - stats["ce"][L], T)
-    top = ee.pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
+    top = measure.pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
     return un.window_means((top != stats["top"][L]).double(), T)
 
 

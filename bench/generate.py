@@ -143,7 +143,7 @@ def main(args):
                 shown, layer, cost = "—", "1.00x", "—"
             else:
                 shown = f"{100 * (extra < cfg.n_layer).float().mean():.0f}% exited"
-                layer = f"{100 / ee.compute_percent(extra, cfg.n_layer):.2f}x"
+                layer = f"{100 / measure.compute_percent(extra, cfg.n_layer):.2f}x"
                 e = measure.exit_metrics(model, val, tau_at, bs, device, whole_batch=name.startswith("CALM"))
                 cost = f"{100 * (e['ppl'] / full - 1):+.1f}%"
             print(f"| {bs} | {name} | {speed:,.0f} | {base * speed / (bs * args.new_tokens):.2f}x | {shown} | {layer} | {cost} |")

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import eemini as ee  # noqa: E402
+import measure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def main(args):
         for name in configs:
             ms[name].append(time_steps(models[name], x, y, opts[name], args.steps, device))
     cfg = configs["early exit (asym)"]
-    layer, head, _ = ee.flops_per_token(cfg)
+    layer, head, _ = measure.flops_per_token(cfg)
     flop_ratio = (cfg.n_layer * layer + 2 * head) / (cfg.n_layer * layer + head)
     a, b = (statistics.median(v) for v in ms.values())
     print(f"device {device} | {cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, "

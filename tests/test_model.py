@@ -1,5 +1,6 @@
-"""eemini.py: loss schemes, routing, true early exit, the KV cache, generation and compute accounting,
-each against a reference computed another way (by hand, or by a slower independent implementation).
+"""eemini.py and decode.py: loss schemes, routing (and measure.py's masked routing and compute
+accounting), true early exit, the KV cache and generation, each against a reference computed
+another way (by hand, or by a slower independent implementation).
 
 Run: python -m pytest tests/test_model.py -q
 """
@@ -153,7 +154,7 @@ def test_route_picks_exit_logits_exactly_where_confident():
     logits = model.forward_all_layers(x)
     conf = F.softmax(logits[1], -1).max(-1).values
     thr = conf.median().item()
-    routed, depth, c = ee.route(logits, thr, [1])
+    routed, depth, c = measure.route(logits, thr, [1])
     confident = conf >= thr
     assert torch.equal(c, conf)
     assert 0 < confident.sum() < confident.numel()
@@ -165,12 +166,12 @@ def test_route_picks_exit_logits_exactly_where_confident():
 def test_route_endpoints_even_when_softmax_rounds_to_one():
     logits = {1: torch.tensor([[[100.0, 0.0], [0.0, 0.0]]]), 3: torch.zeros(1, 2, 2)}
     assert ee.conf_softmax(logits[1])[0, 0].item() == 1.0  # float rounds to exactly 1
-    _, depth, _ = ee.route(logits, 1.0, [1])
+    _, depth, _ = measure.route(logits, 1.0, [1])
     assert (depth == 3).all()  # threshold 1.0: no exit
-    _, depth, _ = ee.route(logits, 0.0, [1])
+    _, depth, _ = measure.route(logits, 0.0, [1])
     assert (depth == 1).all()  # threshold 0: everything exits
     with pytest.raises(ee.EEminiError, match="outside"):
-        ee.route(logits, 1.5, [1])
+        measure.route(logits, 1.5, [1])
 
 
 def test_other_confidence_measures_are_in_unit_interval():
@@ -264,7 +265,7 @@ def test_exit_mode_differs_from_masked_only_for_deep_tokens_after_an_exit():
     x = torch.randint(0, 23, (2, 16))
     thr = mid_threshold(model, x)
     true_exit, depth, _ = model.forward_exit(x, thr)
-    masked, mdepth, _ = ee.route(model.forward_all_layers(x), thr, [1])
+    masked, mdepth, _ = measure.route(model.forward_all_layers(x), thr, [1])
     assert torch.equal(depth, mdepth)  # the single exit decision is the same in both modes
     shallow = depth < 3
     exited_before = (shallow.long().cumsum(1) - shallow.long()) > 0  # an earlier token of the row exited
@@ -417,7 +418,7 @@ def test_overfit_one_batch():
 def test_compute_percent_formula():
     L, k = 4, 2
     depth = torch.tensor([k] * 3 + [L] * 7)  # 30% shallow
-    assert ee.compute_percent(depth, L) == pytest.approx(100 * (0.3 * k / L + 0.7))
+    assert measure.compute_percent(depth, L) == pytest.approx(100 * (0.3 * k / L + 0.7))
 
 
 def test_kv_layers_counts_only_what_later_tokens_need():
@@ -425,22 +426,22 @@ def test_kv_layers_counts_only_what_later_tokens_need():
     # token 1 exits at 2, token 2 reaches 3 -> K/V in 3; token 3 exits at 1, token 4 runs layer 2 ->
     # K/V in 2; token 4 is the last: nobody reads its K/V
     depth = torch.tensor([[1, 2, 3, 1, 2]])
-    assert ee.kv_layers(depth, 4).tolist() == [[2, 1, 0, 1, 0]]
-    assert ee.kv_layers(torch.tensor([[1, 4, 1, 1]]), 4).tolist() == [[3, 0, 0, 0]]
+    assert measure.kv_layers(depth, 4).tolist() == [[2, 1, 0, 1, 0]]
+    assert measure.kv_layers(torch.tensor([[1, 4, 1, 1]]), 4).tolist() == [[3, 0, 0, 0]]
 
 
 def test_flops_percent_counts_heads_and_the_kv_that_is_computed():
     cfg = ee.GPTConfig(vocab_size=100, block_size=4, n_layer=3, n_embd=32, n_head=2, exits=[1])
-    layer, head, kv = ee.flops_per_token(cfg)
+    layer, head, kv = measure.flops_per_token(cfg)
     full = 3 * layer + head
-    assert ee.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg) == pytest.approx(100 * (3 * layer + 2 * head) / full)
+    assert measure.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg) == pytest.approx(100 * (3 * layer + 2 * head) / full)
     # threshold 0: nobody goes deep, so no exited token's K/V is ever needed above the exit
-    assert ee.flops_percent(torch.tensor([[1, 1, 1, 1]]), cfg) == pytest.approx(100 * (layer + head) / full)
+    assert measure.flops_percent(torch.tensor([[1, 1, 1, 1]]), cfg) == pytest.approx(100 * (layer + head) / full)
     # one exited token before a deep one: its K/V in layers 2 and 3
     mixed = (layer + head + 2 * kv) + (3 * layer + 2 * head) + 2 * (layer + head)
-    assert ee.flops_percent(torch.tensor([[1, 3, 1, 1]]), cfg) == pytest.approx(100 * mixed / 4 / full)
+    assert measure.flops_percent(torch.tensor([[1, 3, 1, 1]]), cfg) == pytest.approx(100 * mixed / 4 / full)
     # at threshold 1.0 the exit's head is never computed: full depth is the plain model, 100%
-    assert ee.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg, checked=[]) == pytest.approx(100.0)
+    assert measure.flops_percent(torch.tensor([[3, 3, 3, 3]]), cfg, checked=[]) == pytest.approx(100.0)
     depth = torch.full((1, 4), 3)
     assert measure.summarize(torch.zeros(4), depth, cfg, 1.0, window=4)["flops"] == pytest.approx(100.0)
     assert measure.summarize(torch.zeros(4), depth, cfg, 0.99, window=4)["flops"] == pytest.approx(100 * (full + head) / full)
@@ -554,10 +555,10 @@ def test_a_cascade_leaves_at_the_first_confident_exit():
     logits = model.forward_all_layers(x)
     c1, c2 = ee.conf_softmax(logits[1]), ee.conf_softmax(logits[2])
     t1, t2 = c1.median().item(), c2.median().item()
-    routed, depth, _ = ee.route(logits, {1: t1, 2: t2}, [1, 2])
+    routed, depth, _ = measure.route(logits, {1: t1, 2: t2}, [1, 2])
     first, second = c1 >= t1, (c1 < t1) & (c2 >= t2)
     assert torch.equal(depth, torch.where(first, 1, torch.where(second, 2, 4)))
     assert first.any() and second.any() and (depth == 4).any()
     for k, sel in ((1, first), (2, second), (4, depth == 4)):
         assert torch.equal(routed[sel], logits[k][sel])
-    assert ee.compute_percent(depth, 4) == pytest.approx(100 * depth.float().mean().item() / 4)
+    assert measure.compute_percent(depth, 4) == pytest.approx(100 * depth.float().mean().item() / 4)
