@@ -1,11 +1,13 @@
 """
 Seed 004's block-wise cascade, the parts exit_classifier.py trains: blocks of eemini layers with a
-head each, the exit classifier on a block's state and its two labels, and the tokens a block reads
-(how the hard ones reach the next block: in their own text, or repacked).
+head each, the exit classifier on a block's state and its two labels, the tokens a block reads
+(how the hard ones reach the next block: in their own text, or repacked), and the cascade's true
+early exit over held-out text with the seed's figures.
 
 [2] Schuster et al. 2022, CALM (state propagation). arXiv:2207.07061
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ from torch.nn import functional as F
 
 import cli
 import eemini as ee
+import measure
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,3 +126,60 @@ def block_outputs(block, tok, batch_size, device):
         out["correct"].append((logits.argmax(-1) == y).cpu())
         out["pmax"].append(ee.conf_softmax(logits).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: true early exit through the blocks over held-out text, and the seed's figures
+
+
+def confidence(clf, out):
+    """Per-token confidence at a block: its exit classifier's on the block's state, or, for a
+    cascade without classifiers, the block's max softmax."""
+    if clf is None:
+        return out["pmax"]
+    with torch.no_grad():
+        return torch.cat([clf(h) for h in out["h"].split(4096)])
+
+
+@torch.no_grad()
+def evaluate(blocks, routers, tok, context, batch_size, device):
+    """Each token leaves at the first block whose confidence clears that block's threshold (routers:
+    (classifier or None, threshold) per block but the last, which takes the rest). Exited tokens never
+    change again; with `repack` the hard ones reach the next block repacked (context: earlier hard
+    tokens only), with `inplace` in their own text (context: every earlier token, exited ones as frozen
+    K/V). Per token, in text order: CE and correct? where it left, the block it left at, block 0's CE;
+    and who reached each block."""
+    n = int((tok.pos >= 0).sum())
+    ce, ce0 = torch.zeros(n), torch.zeros(n)
+    correct, exit_at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    reached, block_ce = [], []
+    for i, block in enumerate(blocks):
+        out = block_outputs(block, tok, batch_size, device)
+        reached.append(tok.pos[tok.live])
+        block_ce.append(out["ce"][tok.live])
+        if i == 0:
+            ce0[tok.pos[tok.live]] = out["ce"][tok.live]
+        leave = tok.live.clone()
+        if i < len(routers):
+            leave &= ee.exit_mask(confidence(routers[i][0], out), routers[i][1])
+        p = tok.pos[leave]
+        ce[p], correct[p], exit_at[p] = out["ce"][leave], out["correct"][leave], i
+        tok = advance(tok, out["h"], ~leave, context)
+    return {"ce": ce, "ce0": ce0, "correct": correct, "exit_at": exit_at, "reached": reached,
+            "block_ce": block_ce}
+
+
+def figures(r, cfg, block_layers, hard_context):
+    """The seed's figures from evaluate(): PPLs, accuracy, shallow ratio, compute savings."""
+    L, bl = sum(block_layers), torch.tensor(block_layers)
+    layers_run = bl.cumsum(0)[r["exit_at"]].double()
+    layer, head, kv = measure.flops_per_token(cfg)  # FLOP view: heads + classifier-free; K/V of exited tokens in place
+    kv_paid = (L - layers_run) * kv if hard_context == "inplace" else 0.0
+    flops = layers_run * layer + (r["exit_at"] + 1).double() * head + kv_paid
+    ppl = lambda ce: math.exp(ce.mean().item()) if len(ce) else float("nan")  # noqa: E731
+    return {"final_ppl": ppl(r["ce"]), "accuracy": 100 * r["correct"].float().mean().item(),
+            "shallow": 100 * (r["exit_at"] < len(bl) - 1).float().mean().item(),
+            "saved": 100 * (1 - layers_run.mean().item() / L),
+            "flops_saved": 100 * (1 - flops.mean().item() / (L * layer + head)),
+            "block0_ppl": ppl(r["ce0"]), "block_ppl": [ppl(c) for c in r["block_ce"]],
+            "block0_on_hard": [ppl(r["ce0"][p]) for p in r["reached"][1:]]}

@@ -41,7 +41,6 @@ import checkpoint as ck
 import cascade
 import cli
 import eemini as ee
-import measure
 from data import Vocab, load_data
 from seeds import S004
 
@@ -104,14 +103,6 @@ def parse_args(argv=None):
 def val_ppl(block, tok, args, device):
     """PPL of block on the live tokens of tok."""
     return math.exp(cascade.block_outputs(block, tok, args.eval_batch_size, device)["ce"][tok.live].mean().item())
-
-
-def confidence(method, clf, out):
-    """Per-token confidence: the exit classifier's on the block's state, or the block's max softmax."""
-    if METHODS[method][0] == "softmax":
-        return out["pmax"]
-    with torch.no_grad():
-        return torch.cat([clf(h) for h in out["h"].split(4096)])
 
 
 def hard_threshold(conf, hard_ratio):
@@ -210,7 +201,7 @@ def train_cascade(method, block0, clf0, train, val, cfg, args, device):
             info.setdefault("avg_label", []).append(labels.mean().item())
             if args.exit_classifier_mode == "post":
                 fit_classifier(f"{NAMES[method]} block {i}", clf, out_tr["h"][train.live], labels, args, device)
-        conf_tr, conf_va = confidence(method, clf, out_tr), confidence(method, clf, out_va)
+        conf_tr, conf_va = cascade.confidence(clf, out_tr), cascade.confidence(clf, out_va)
         thr = hard_threshold(conf_tr[train.live], args.hard_ratio)
         routers.append((clf, thr))
         train = cascade.advance(train, out_tr["h"], ~ee.exit_mask(conf_tr, thr), args.hard_context)
@@ -222,51 +213,10 @@ def train_cascade(method, block0, clf0, train, val, cfg, args, device):
     return blocks, routers, info
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation: true early exit over the held-out text
-
-
-@torch.no_grad()
-def cascade_eval(method, blocks, routers, tok, context, args, device):
-    """Each held-out token leaves at the first block whose confidence clears that block's threshold
-    (the last block takes the rest). Exited tokens never change again; with `repack` the hard ones
-    reach the next block repacked (context: earlier hard tokens only), with `inplace` in their own
-    text (context: every earlier token, exited ones as frozen K/V). Per token, in text order:
-    CE and correct? where it left, the block it left at, block 0's CE; and who reached each block."""
-    n = int((tok.pos >= 0).sum())
-    ce, ce0 = torch.zeros(n), torch.zeros(n)
-    correct, exit_at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
-    reached, block_ce = [], []
-    for i, block in enumerate(blocks):
-        out = cascade.block_outputs(block, tok, args.eval_batch_size, device)
-        reached.append(tok.pos[tok.live])
-        block_ce.append(out["ce"][tok.live])
-        if i == 0:
-            ce0[tok.pos[tok.live]] = out["ce"][tok.live]
-        leave = tok.live.clone()
-        if i < len(routers):
-            leave &= ee.exit_mask(confidence(method, routers[i][0], out), routers[i][1])
-        p = tok.pos[leave]
-        ce[p], correct[p], exit_at[p] = out["ce"][leave], out["correct"][leave], i
-        tok = cascade.advance(tok, out["h"], ~leave, context)
-    return {"ce": ce, "ce0": ce0, "correct": correct, "exit_at": exit_at, "reached": reached,
-            "block_ce": block_ce}
-
-
-def report(r, cfg, args):
-    """The seed's figures from cascade_eval: PPLs, accuracy, shallow ratio, compute savings."""
-    L, bl = sum(args.block_layers), torch.tensor(args.block_layers)
-    layers_run = bl.cumsum(0)[r["exit_at"]].double()
-    layer, head, kv = measure.flops_per_token(cfg)  # FLOP view: heads + classifier-free; K/V of exited tokens in place
-    kv_paid = (L - layers_run) * kv if args.hard_context == "inplace" else 0.0
-    flops = layers_run * layer + (r["exit_at"] + 1).double() * head + kv_paid
-    ppl = lambda ce: math.exp(ce.mean().item()) if len(ce) else float("nan")  # noqa: E731
-    return {"final_ppl": ppl(r["ce"]), "accuracy": 100 * r["correct"].float().mean().item(),
-            "shallow": 100 * (r["exit_at"] < len(bl) - 1).float().mean().item(),
-            "saved": 100 * (1 - layers_run.mean().item() / L),
-            "flops_saved": 100 * (1 - flops.mean().item() / (L * layer + head)),
-            "block0_ppl": ppl(r["ce0"]), "block_ppl": [ppl(c) for c in r["block_ce"]],
-            "block0_on_hard": [ppl(r["ce0"][p]) for p in r["reached"][1:]]}
+def evaluate(blocks, routers, held, context, cfg, args, device):
+    """The seed's figures of one cascade, evaluated with true early exit over the held-out text."""
+    r = cascade.evaluate(blocks, routers, held, context, args.eval_batch_size, device)
+    return cascade.figures(r, cfg, args.block_layers, args.hard_context)
 
 
 def table_rows(r, args):
@@ -360,9 +310,9 @@ def compare(args):
     for m in methods:
         torch.manual_seed(args.seed + 1)  # every method's later blocks start from the same weights
         blocks, routers, info = train_cascade(m, block0, joint.get(METHODS[m][1]), train, val, cfg, args, device)
-        results[m] = r = report(cascade_eval(m, blocks, routers, held, args.hard_context, args, device), cfg, args)
+        results[m] = r = evaluate(blocks, routers, held, args.hard_context, cfg, args, device)
         other = "inplace" if args.hard_context == "repack" else "repack"
-        r["mismatch_ppl"] = report(cascade_eval(m, blocks, routers, held, other, args, device), cfg, args)["final_ppl"]
+        r["mismatch_ppl"] = evaluate(blocks, routers, held, other, cfg, args, device)["final_ppl"]
         r.update(info, es_ppl=[es0, *info["es_ppl"]], thresholds=[t for _, t in routers])
         print(f"{NAMES[m]} | final PPL {r['final_ppl']:.3f} (block 0 alone {r['block0_ppl']:.3f}) | accuracy "
               f"{r['accuracy']:.2f}% | shallow {r['shallow']:.1f}% | saved {r['saved']:.1f}% layers, {r['flops_saved']:.1f}% FLOPs")

@@ -103,12 +103,12 @@ def test_final_evaluation_routes_exactly_what_the_classifier_says(context):
             n = hard.sum().item()
             x = torch.cat([h0[hard], torch.zeros(-n % 8, 16)]).view(-1, 8, 16)
             ce1 = nn.functional.cross_entropy(b1(x)[1].flatten(0, 1)[:n], held.y[hard], reduction="none")
-    r = ec.cascade_eval("A", [b0, b1], [(clf, thr)], held, context, args, "cpu")
+    r = cascade.evaluate([b0, b1], [(clf, thr)], held, context, args.eval_batch_size, "cpu")
     assert torch.equal(r["exit_at"], hard.flatten().long())
     assert torch.allclose(r["ce"][~hard.flatten()], ce0[~hard], atol=1e-5)
     assert torch.allclose(r["ce"][hard.flatten()], ce1, atol=1e-5)
     assert torch.allclose(r["ce0"], ce0.flatten(), atol=1e-5)
-    rep = ec.report(r, cfg, args)
+    rep = cascade.figures(r, cfg, args.block_layers, args.hard_context)
     assert rep["shallow"] == pytest.approx(100 * (~hard).float().mean().item())
     assert rep["saved"] == pytest.approx(rep["shallow"] * 2 / 4)  # shallow x (layers after block 0) / all
 
