@@ -5,7 +5,9 @@ and the realised loss difference CE_exit - CE_last (noisy, but signed: it can le
 beats the last layer, which a KL cannot say). An experiment, not a recipe: the train split holds only
 about 42,000 characters past the million the quick start trains on, so the larger slices come from
 the valid split after --skip characters, well past the part that is scored; sweep.py's routers
-never see valid text.
+never see valid text. Two more rows, on the held-out train slice: the kl router reading the previous
+character's states beside its own, and the true KL corrected by a line fitted to the realised loss
+difference (a reference, like the KL itself: it runs every layer).
 
     python bench/router_data.py ckpt.pt
 """
@@ -22,7 +24,7 @@ import cli  # noqa: E402
 import measure  # noqa: E402
 import routers as learned  # noqa: E402
 from data import held_out, read_split  # noqa: E402
-from eemini import EEminiError  # noqa: E402
+from eemini import EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax  # noqa: E402
 from report import md  # noqa: E402
 
 
@@ -47,6 +49,24 @@ def share(stats, cfg, score, oracle, full):
     conf = score.argsort().argsort().double() / len(score)
     rows = measure.fine_sweep({**stats, "conf": {"score": {cfg.exits[0]: conf}}}, cfg, "score")
     return [measure.oracle_fraction(rows, full, b, oracle)[2] for b in (1, 2)]
+
+
+def with_previous(t):
+    """Each character's row beside the previous character's (text order; the first gets the last)."""
+    return torch.cat([t, t.roll(1, 0)], -1)
+
+
+def corrected_kl(stats, k, train, scored, ridge=1.0):
+    """KL itself plus a line in the exit's cheap confidences and the KL, fitted (ridge least squares)
+    to what the KL misses of the realised loss difference on held-out text: CE_exit - CE_last - KL.
+    The KL is signed by it, so this can send out characters where the exit is the better head."""
+    def design(logits, h, h_prev, kl):
+        cheap = [f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)]
+        return torch.stack([torch.ones_like(kl), *cheap, kl], -1).double()
+    logits, h, h_prev, _, gain, kl = train
+    a = design(logits, h, h_prev, kl)
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.size(1), dtype=a.dtype), a.T @ (gain - kl).double())
+    return stats["kl"][k] + (design(*scored, stats["kl"][k]) @ w).float()
 
 
 def spread(xs):
@@ -79,6 +99,19 @@ def main(args):
     valid = read_split(data, "valid")[0][args.skip : args.skip + max(args.sizes)]
     slices.append(("valid split, past --skip", vocab.encode(valid)))
     rows = [["(every layer run) KL itself", "", *map(spread, zip(share(stats, cfg, -stats["kl"][k], oracle, full)))]]
+    held = learned.exit_examples(model, slices[0][1][: args.sizes[0]], args.eval_batch_size, device)[k]
+    if len(held[0]):
+        rows.append(["(every layer run) KL + a line fitted to the realised loss difference, train split, held out",
+                     f"{len(held[0]):,}", *map(spread, zip(share(stats, cfg, -corrected_kl(stats, k, held, scored), oracle, full)))])
+        shares = []  # the kl router, reading the previous character's state and confidences beside its own
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            router = learned.Router(2 * cfg.n_embd, regress=True).to(held[1].device)
+            learned.fit(router, held[0], with_previous(held[1]), with_previous(held[2]),
+                        -torch.log(held[5] + learned.FLOOR), epochs=30, seed=seed)
+            shares.append(share(stats, cfg, router.score(scored[0], *map(with_previous, scored[1:])).cpu(), oracle, full))
+        rows.append(["log KL, with the previous character's states, train split, held out", f"{len(held[0]):,}",
+                     *map(spread, zip(*shares))])
     for where, text in slices:
         for n in [n for n in args.sizes if n <= len(text)]:
             logits, h, h_prev, _, gain, kl = learned.exit_examples(model, text[:n], args.eval_batch_size, device)[k]
