@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from data import eval_windows
+from uncertainty import window_means
 from eemini import CONFIDENCE, checked_exits, exit_depth
 
 # ----------------------------------------------------------------------------------------------
@@ -365,3 +366,15 @@ def class_table(stats, cfg, depth, cls, names):
                          "full_ppl": ppl(stats["ce"][L][sel]), "routed_ppl": ppl(routed[sel]),
                          "cost_share": 100 * extra[sel].sum().item() / extra.sum().item() if extra.sum() else 0.0})
     return rows
+
+
+def window_risk(stats, cfg, threshold, confidence, kind):
+    """Per window: the mean extra CE of routing over full depth (ppl), or the share of characters whose
+    top prediction routing changes (consistency)."""
+    L, T = cfg.n_layer, stats["window"]
+    depth = routed_depth(stats, threshold, cfg, confidence)
+    if kind == "ppl":
+        routed = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+        return window_means(routed - stats["ce"][L], T)
+    top = pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
+    return window_means((top != stats["top"][L]).double(), T)

@@ -1,12 +1,14 @@
 """
 Reporting: Markdown tables, the terminal plot of PPL against compute, the optional PNG, and what
 the scripts print with them: seed 000's tables at the end of train.py, sweep.py's table, analysis,
-oracle shares, plot and files.
+oracle shares, plot and files, and its --windows and --details sections.
 """
 
 import csv
 import json
 
+import measure
+import uncertainty as un
 from checkpoint import atomic_write, write_text
 
 
@@ -147,3 +149,41 @@ def sweep_files(args, result, series):
         write_text(args.json, json.dumps(result, indent=1))
     if args.plot:
         save_png(args.plot, series, [(o["compute"], o["ppl"]) for o in result["oracle"]])
+
+
+# sweep.py --windows and --details
+
+
+def windows_section(stats, cfg, args, series):
+    """Token- against window-level routing, each beside its own oracle (one exit)."""
+    m = args.measures[0]
+    rows = {how: measure.window_rows(stats, cfg, args.thresholds, m, how) for how in ("mean", "min")}
+    full = measure.ppl(stats["ce"][cfg.n_layer])
+    print(f"\n## Windows leaving as a whole ({m} confidence, masked)\n")
+    print("\n".join(md(["Routing", "Threshold", "PPL", "ΔPPL", "Compute"], [
+        [r["confidence"], fmt_t(r["threshold"]), f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / full - 1):+.2f}%",
+         f"{r['compute']:.1f}%"] for how in rows for r in rows[how]])))
+    window_oracle = measure.window_oracle(stats, cfg)
+    plot = [(".", [(o["compute"], o["ppl"]) for o in measure.Oracle(stats, cfg).frontier()]),
+            ("o", [(o["compute"], o["ppl"]) for o in window_oracle[:: max(1, len(window_oracle) // 100)]]),
+            ("*", series[0][1]), *((mk, [(r["compute"], r["ppl"]) for r in rows[how]]) for mk, how in (("+", "mean"), ("x", "min")))]
+    print("\n## Token- and window-level routing\n\n" + "\n".join(ascii_plot(plot)))
+    print(f"   * {m} per character   + window mean   x window min\n   . oracle per character   o oracle per window")
+
+
+def details_section(stats, cfg, args, vocab):
+    """Calibration of each exit's max softmax, and where exits go by character class."""
+    for k in cfg.exits:
+        ece, rows = un.reliability(stats["conf"]["softmax"][k], stats["top"][k] == stats["target"])
+        print(f"\n## Calibration of the exit after layer {k} (max softmax): ECE {100 * ece:.2f}%\n")
+        print("\n".join(md(["Confidence", "Characters", "Mean confidence", "Accuracy"], [
+            [f"{lo:.1f}-{hi:.1f}", f"{n:,}", f"{mc:.3f}", f"{acc:.3f}"] for lo, hi, n, mc, acc in rows])))
+    threshold = args.thresholds[len(args.thresholds) // 2]
+    depth = measure.routed_depth(stats, threshold, cfg, args.measures[0])
+    previous = stats["target"].roll(1)
+    previous[:: stats["window"]] = 0  # the first of a window has no known input here; counted as unknown
+    cls, names = measure.char_class(stats["target"], vocab.itos, previous)
+    print(f"\n## Where exits go ({args.measures[0]} at threshold {fmt_t(threshold)}, masked)\n")
+    print("\n".join(md(["Next character", "Share", "Exited", "Full-depth PPL", "Routed PPL", "Share of the cost"], [
+        [r["class"], f"{r['share']:.1f}%", f"{r['exited']:.1f}%", f"{r['full_ppl']:.3f}", f"{r['routed_ppl']:.3f}",
+         f"{r['cost_share']:.1f}%"] for r in measure.class_table(stats, cfg, depth, cls, names)])))

@@ -36,7 +36,7 @@ import report
 import routers as learned
 import uncertainty as un
 from data import eval_ids
-from report import ascii_plot, fmt_t, md
+from report import fmt_t, md
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
 BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
@@ -172,7 +172,7 @@ def calibrate(model, vocab, data, args, device, routers):
     head = ["Measure", "Budget", "Threshold", "valid: risk", "test: risk", "test: PPL", "test: compute saved", "holds on test"]
     rows = []
     for m in args.measures:
-        risk = {s: [risk_of(st, cfg, t, m, args.risk) for t in grid] for s, st in splits.items()}
+        risk = {s: [measure.window_risk(st, cfg, t, m, args.risk) for t in grid] for s, st in splits.items()}
         for budget in args.calibrate:
             if args.risk == "ppl":  # window mean extra CE in [-2, 2] nats, mapped onto [0, 1]
                 limit, unit, bound = math.log1p(budget / 100), lambda d: (d.clamp(-2, 2) + 2) / 4, "bernstein"
@@ -191,55 +191,8 @@ def calibrate(model, vocab, data, args, device, routers):
     return rows
 
 
-def risk_of(stats, cfg, threshold, confidence, kind):
-    """Per window: the mean extra CE of routing over full depth (ppl), or the share of characters whose
-    top prediction routing changes (consistency)."""
-    L, T = cfg.n_layer, stats["window"]
-    depth = measure.routed_depth(stats, threshold, cfg, confidence)
-    if kind == "ppl":
-        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
-        return un.window_means(routed - stats["ce"][L], T)
-    top = measure.pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
-    return un.window_means((top != stats["top"][L]).double(), T)
-
-
 def show_risk(r, kind):
     return f"{100 * math.expm1(r.mean().item()):+.2f}% PPL" if kind == "ppl" else f"{100 * r.mean().item():.2f}%"
-
-
-def windows_section(stats, cfg, args, series):
-    """Token- against window-level routing, each beside its own oracle (one exit)."""
-    m = args.measures[0]
-    rows = {how: measure.window_rows(stats, cfg, args.thresholds, m, how) for how in ("mean", "min")}
-    full = measure.ppl(stats["ce"][cfg.n_layer])
-    print(f"\n## Windows leaving as a whole ({m} confidence, masked)\n")
-    print("\n".join(md(["Routing", "Threshold", "PPL", "ΔPPL", "Compute"], [
-        [r["confidence"], fmt_t(r["threshold"]), f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / full - 1):+.2f}%",
-         f"{r['compute']:.1f}%"] for how in rows for r in rows[how]])))
-    window_oracle = measure.window_oracle(stats, cfg)
-    plot = [(".", [(o["compute"], o["ppl"]) for o in measure.Oracle(stats, cfg).frontier()]),
-            ("o", [(o["compute"], o["ppl"]) for o in window_oracle[:: max(1, len(window_oracle) // 100)]]),
-            ("*", series[0][1]), *((mk, [(r["compute"], r["ppl"]) for r in rows[how]]) for mk, how in (("+", "mean"), ("x", "min")))]
-    print("\n## Token- and window-level routing\n\n" + "\n".join(ascii_plot(plot)))
-    print(f"   * {m} per character   + window mean   x window min\n   . oracle per character   o oracle per window")
-
-
-def details_section(stats, cfg, args, vocab):
-    """Calibration of each exit's max softmax, and where exits go by character class."""
-    for k in cfg.exits:
-        ece, rows = un.reliability(stats["conf"]["softmax"][k], stats["top"][k] == stats["target"])
-        print(f"\n## Calibration of the exit after layer {k} (max softmax): ECE {100 * ece:.2f}%\n")
-        print("\n".join(md(["Confidence", "Characters", "Mean confidence", "Accuracy"], [
-            [f"{lo:.1f}-{hi:.1f}", f"{n:,}", f"{mc:.3f}", f"{acc:.3f}"] for lo, hi, n, mc, acc in rows])))
-    threshold = args.thresholds[len(args.thresholds) // 2]
-    depth = measure.routed_depth(stats, threshold, cfg, args.measures[0])
-    previous = stats["target"].roll(1)
-    previous[:: stats["window"]] = 0  # the first of a window has no known input here; counted as unknown
-    cls, names = measure.char_class(stats["target"], vocab.itos, previous)
-    print(f"\n## Where exits go ({args.measures[0]} at threshold {fmt_t(threshold)}, masked)\n")
-    print("\n".join(md(["Next character", "Share", "Exited", "Full-depth PPL", "Routed PPL", "Share of the cost"], [
-        [r["class"], f"{r['share']:.1f}%", f"{r['exited']:.1f}%", f"{r['full_ppl']:.3f}", f"{r['routed_ppl']:.3f}",
-         f"{r['cost_share']:.1f}%"] for r in measure.class_table(stats, cfg, depth, cls, names)])))
 
 
 def main(args):
@@ -275,9 +228,9 @@ def main(args):
     frontier = oracle.frontier()
     report.frontier_plot(series, frontier)
     if args.windows and len(cfg.exits) == 1:
-        windows_section(stats, cfg, args, series)
+        report.windows_section(stats, cfg, args, series)
     if args.details:
-        details_section(stats, cfg, args, vocab)
+        report.details_section(stats, cfg, args, vocab)
     calibrated = calibrate(model, vocab, data, args, device, routers) if args.calibrate else []
 
     result = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split,
