@@ -133,8 +133,8 @@ def block_outputs(block, tok, batch_size, device):
 
 
 def confidence(clf, out):
-    """Per-token confidence at a block: its exit classifier's on the block's state, or, for a
-    cascade without classifiers, the block's max softmax."""
+    """Per-token confidence at a block: its exit classifier's on the block's state, or, for the
+    softmax method (whose cascade has no classifiers: clf None), the block's max softmax."""
     if clf is None:
         return out["pmax"]
     with torch.no_grad():

@@ -6,7 +6,7 @@ bottom: config -> attention, MLP, Block -> exit heads and the GPT (training forw
 dropout, true early exit) -> confidence and the exit rule -> loss schemes. Beside it: decode.py, the
 engine (KV cache, generation, self-speculative decoding), and what the scripts share but the model
 never touches: measure.py (masked routing, Compute% and FLOPs%, the oracle), data.py, optim.py,
-routers.py, checkpoint.py, cli.py.
+routers.py, uncertainty.py, report.py, cascade.py, seeds.py, checkpoint.py, cli.py.
 
 References
 [1] Teerapittayanon et al. 2016, BranchyNet: fast inference via early exiting. arXiv:1709.01686
@@ -409,7 +409,7 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# confidence and routing: a token leaves at the first exit point where its confidence >= threshold [1][3]
+# confidence and the exit rule: a token leaves at the first exit point where its confidence >= threshold [1][3]
 
 
 def conf_softmax(logits, h=None, h_prev=None):

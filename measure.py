@@ -1,6 +1,7 @@
 """
-Measurement: masked routing and what routing costs (Compute%, FLOPs%); one pass gathers every token's cross-entropy and confidences; every threshold, the
-oracle frontier and the sweep's rows are read from them. True early exit is measured separately.
+Measurement: masked routing and what routing costs (Compute%, FLOPs%); one pass gathers every
+token's cross-entropy and confidences, and every threshold, the oracle frontier and the sweep's rows
+are read from them. True early exit is measured separately.
 
 Masked routing [1] needs no second pass: a token's output is the exit's or the last layer's, both
 already computed, so a whole threshold sweep costs one evaluation. True early exit changes what the
@@ -16,8 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from data import eval_windows
-from uncertainty import window_means
 from eemini import CONFIDENCE, checked_exits, exit_depth
+from uncertainty import window_means
 
 # ----------------------------------------------------------------------------------------------
 # masked routing: every layer ran for every token, and each token's output is read off the exit it left at

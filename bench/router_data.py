@@ -63,6 +63,7 @@ def corrected_kl(stats, k, train, scored, ridge=1.0):
     def design(logits, h, h_prev, kl):
         cheap = [f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)]
         return torch.stack([torch.ones_like(kl), *cheap, kl], -1).double()
+    train, scored = [t.cpu() for t in train], [t.cpu() for t in scored]  # where stats are
     logits, h, h_prev, _, gain, kl = train
     a = design(logits, h, h_prev, kl)
     w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.size(1), dtype=a.dtype), a.T @ (gain - kl).double())
@@ -99,11 +100,12 @@ def main(args):
     valid = read_split(data, "valid")[0][args.skip : args.skip + max(args.sizes)]
     slices.append(("valid split, past --skip", vocab.encode(valid)))
     rows = [["(every layer run) KL itself", "", *map(spread, zip(share(stats, cfg, -stats["kl"][k], oracle, full)))]]
-    held = learned.exit_examples(model, slices[0][1][: args.sizes[0]], args.eval_batch_size, device)[k]
-    if len(held[0]):
+    first = slices[0][1][: min(args.sizes)]  # none when the model trained on the whole train split
+    if len(first) > cfg.block_size:
+        held = learned.exit_examples(model, first, args.eval_batch_size, device)[k]
         rows.append(["(every layer run) KL + a line fitted to the realised loss difference, train split, held out",
                      f"{len(held[0]):,}", *map(spread, zip(share(stats, cfg, -corrected_kl(stats, k, held, scored), oracle, full)))])
-        shares = []  # the kl router, reading the previous character's state and confidences beside its own
+        shares = []  # the kl router with [own, previous] states joined (its norm and saturation over both)
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             router = learned.Router(2 * cfg.n_embd, regress=True).to(held[1].device)

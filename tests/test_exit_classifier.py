@@ -1,4 +1,5 @@
-"""exit_classifier.py (seed 004's cascade): labels, threshold, repacking, early stopping, routing, CLI.
+"""exit_classifier.py and cascade.py (seed 004's cascade): labels, threshold, repacking, early stopping,
+routing and its figures, CLI.
 
 Run: python -m pytest tests/test_exit_classifier.py -q
 """
