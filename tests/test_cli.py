@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import cli
 from conftest import TINY_TRAIN, cli_error
@@ -144,3 +145,21 @@ def test_shared_argument_types():
                       ("1.0", cli.number(float, 0.0, 1.0, hi_open=True)), ("2.5", cli.number(int))):
         with pytest.raises(argparse.ArgumentTypeError):
             rule(bad)
+
+
+def test_router_data_corrected_kl_recovers_a_known_line():
+    """bench/router_data.py's signed KL: when what the KL misses of the realised loss difference is
+    exactly a line in the exit's max softmax (here 0.3 - 0.5 * softmax), the ridge fit recovers it, and
+    the scored characters get their KL plus that line, computed by hand."""
+    module = load("bench/router_data.py")
+    gen = torch.Generator().manual_seed(0)
+    def examples(n):
+        logits, h, h_prev = torch.randn(n, 7, generator=gen) * 2, torch.randn(n, 5, generator=gen), torch.randn(n, 5, generator=gen)
+        kl = torch.rand(n, generator=gen)
+        return logits, h, h_prev, kl
+    logits, h, h_prev, kl = examples(4000)
+    gain = kl + 0.3 - 0.5 * F.softmax(logits, -1).max(-1).values
+    s_logits, s_h, s_prev, s_kl = examples(50)
+    got = module.corrected_kl({"kl": {1: s_kl}}, 1, (logits, h, h_prev, torch.ones(4000, dtype=torch.bool), gain, kl), (s_logits, s_h, s_prev), ridge=1e-9)
+    want = s_kl + 0.3 - 0.5 * F.softmax(s_logits, -1).max(-1).values
+    assert torch.allclose(got, want, atol=1e-4)
