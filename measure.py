@@ -149,10 +149,15 @@ def routed_depth(stats, threshold, cfg, confidence="softmax"):
     return exit_depth(conf, threshold, cfg.n_layer, stats["ce"][cfg.n_layer].shape)
 
 
+def read_off(stats, key, depth, cfg):
+    """Per token, stats[key] ('ce' or 'top') at the layer it left at: an exit of cfg's, or the last."""
+    return pick_by_depth({k: stats[key][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+
+
 def routed_metrics(stats, threshold, cfg, confidence="softmax"):
     """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
     depth = routed_depth(stats, threshold, cfg, confidence)
-    ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+    ce = read_off(stats, "ce", depth, cfg)
     return summarize(ce, depth, cfg, threshold, stats["window"])
 
 
@@ -315,7 +320,7 @@ def window_rows(stats, cfg, thresholds, confidence="softmax", how="mean"):
     rows = []
     for t in thresholds:
         depth = window_depth(stats, t, cfg, confidence, how)
-        ce = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+        ce = read_off(stats, "ce", depth, cfg)
         rows.append({"confidence": f"{confidence} (window {how})", **summarize(ce, depth, cfg, t, stats["window"])})
     return rows
 
@@ -356,7 +361,7 @@ def class_table(stats, cfg, depth, cls, names):
     """Per class: share of characters, share that exited, full-depth PPL, routed PPL, and the share
     of the routing's total extra loss that this class carries."""
     L = cfg.n_layer
-    routed = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+    routed = read_off(stats, "ce", depth, cfg)
     extra = (routed - stats["ce"][L]).double()
     rows = []
     for i, name in enumerate(names):
@@ -375,7 +380,7 @@ def window_risk(stats, cfg, threshold, confidence, kind):
     L, T = cfg.n_layer, stats["window"]
     depth = routed_depth(stats, threshold, cfg, confidence)
     if kind == "ppl":
-        routed = pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, L]}, depth)
+        routed = read_off(stats, "ce", depth, cfg)
         return window_means(routed - stats["ce"][L], T)
-    top = pick_by_depth({k: stats["top"][k] for k in [*cfg.exits, L]}, depth)
+    top = read_off(stats, "top", depth, cfg)
     return window_means((top != stats["top"][L]).double(), T)

@@ -149,8 +149,7 @@ def measure_model(path, args):
     for r in measure.masked_sweep(stats, cfg, THRESHOLDS, ["softmax"]):
         rec.update({f"masked/{r['threshold']:g}/{m}": r[m] for m in ("ppl", "shallow", "compute", "flops",
                                                                      "delta_ppl", "oracle_ppl")})
-        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]},
-                                       measure.routed_depth(stats, r["threshold"], cfg))
+        routed = measure.read_off(stats, "ce", measure.routed_depth(stats, r["threshold"], cfg), cfg)
         _, (lo, hi) = un.bootstrap(routed, stats["ce"][cfg.n_layer], cfg.block_size)
         rec[f"masked/{r['threshold']:g}/delta_lo"], rec[f"masked/{r['threshold']:g}/delta_hi"] = lo, hi
     if Path(args.data).is_file():  # one text file has no test split

@@ -133,7 +133,7 @@ def run_sweep(model, ids, args, device, routers):
     rows = measure.masked_sweep(stats, cfg, args.thresholds, args.measures, oracle)
     for r in rows if args.resamples else ():
         depth = measure.routed_depth(stats, r["threshold"], cfg, r["confidence"])
-        routed = measure.pick_by_depth({k: stats["ce"][k] for k in [*cfg.exits, cfg.n_layer]}, depth)
+        routed = measure.read_off(stats, "ce", depth, cfg)
         (r["ppl_lo"], r["ppl_hi"]), (r["delta_lo"], r["delta_hi"]) = un.bootstrap(
             routed, stats["ce"][cfg.n_layer], stats["window"], args.resamples)
     full = measure.ppl(stats["ce"][cfg.n_layer])
