@@ -2,7 +2,7 @@
 Seed 004's block-wise cascade, the parts exit_classifier.py trains: blocks of eemini layers with a
 head each, the exit classifier on a block's state and its two labels, the tokens a block reads
 (how the hard ones reach the next block: in their own text, or repacked), and the cascade's true
-early exit over held-out text with the seed's figures.
+early exit over held-out text with the seed's figures, and a trained cascade saved and loaded.
 
 [2] Schuster et al. 2022, CALM (state propagation). arXiv:2207.07061
 """
@@ -14,9 +14,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import checkpoint as ck
 import cli
 import eemini as ee
 import measure
+from data import Vocab
+
+KIND = "eemini-exit-classifier"  # what exit_classifier.py writes
+# seed 004's methods: how a block's confidence is read (a classifier, and its label; or max softmax)
+METHODS = {"A": ("classifier", "distill"), "B": ("classifier", "loss"), "C": ("softmax", None)}
+NAMES = {"A": "distill", "B": "loss", "C": "softmax"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,3 +190,30 @@ def figures(r, cfg, block_layers, hard_context):
             "flops_saved": 100 * (1 - flops.mean().item() / (L * layer + head)),
             "block0_ppl": ppl(r["ce0"]), "block_ppl": [ppl(c) for c in r["block_ce"]],
             "block0_on_hard": [ppl(r["ce0"][p]) for p in r["reached"][1:]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# a trained cascade, as exit_classifier.py saves it and as it loads again
+
+
+def as_module(blocks, classifiers):
+    """One module of a cascade's blocks and its exit classifiers ({block index: classifier})."""
+    return nn.ModuleDict({"blocks": nn.ModuleList(blocks),
+                          "classifiers": nn.ModuleDict({str(i): c for i, c in classifiers.items()})})
+
+
+def load(path, device="cpu"):
+    """{method: (blocks, routers)} and the vocab from a checkpoint exit_classifier.py wrote."""
+    ckpt = ck.load_checkpoint(path, device)
+    if ckpt.get("kind") != KIND:
+        raise ee.EEminiError(f"{path} was not written by exit_classifier.py")
+    cfg, out = ee.GPTConfig(**ckpt["config"]), {}
+    for m in ckpt["methods"]:
+        bl, thr = ckpt["block_layers"], ckpt["thresholds"][m]
+        blocks = [CascadeBlock(cfg, n, embed=i == 0) for i, n in enumerate(bl)]
+        clfs = {i: ExitClassifier(cfg.n_embd, ckpt["args"]["exit_hidden"]) for i in range(len(thr))
+                if METHODS[m][0] == "classifier"}
+        state = {k[len(m) + 1 :]: v for k, v in ckpt["model"].items() if k.startswith(m + ".")}
+        as_module(blocks, clfs).load_state_dict(state)
+        out[m] = ([b.to(device).eval() for b in blocks], [(clfs.get(i), t) for i, t in enumerate(thr)])
+    return out, Vocab(ckpt["vocab"])

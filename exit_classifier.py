@@ -37,15 +37,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import checkpoint as ck
 import cascade
+import checkpoint as ck
 import cli
 import eemini as ee
-from data import Vocab, load_data
+from cascade import KIND, METHODS, NAMES
+from data import load_data
 from seeds import S004
-
-METHODS = {"A": ("classifier", "distill"), "B": ("classifier", "loss"), "C": ("softmax", None)}
-NAMES = {"A": "distill", "B": "loss", "C": "softmax"}
 
 
 def parse_args(argv=None):
@@ -251,27 +249,6 @@ def print_tables(results, methods, args):
             print(f"| {name} | {' | '.join(cells[m][t][name] for m in methods)} | {' | '.join(seed)} |")
 
 
-KIND = "eemini-exit-classifier"
-
-
-def load_cascades(path, device="cpu"):
-    """{method: (blocks, routers)} and the vocab from a checkpoint this script wrote."""
-    ckpt = ck.load_checkpoint(path, device)
-    if ckpt.get("kind") != KIND:
-        raise ee.EEminiError(f"{path} was not written by exit_classifier.py")
-    cfg, out = ee.GPTConfig(**ckpt["config"]), {}
-    for m in ckpt["methods"]:
-        bl, thr = ckpt["block_layers"], ckpt["thresholds"][m]
-        blocks = [cascade.CascadeBlock(cfg, n, embed=i == 0) for i, n in enumerate(bl)]
-        clfs = {i: cascade.ExitClassifier(cfg.n_embd, ckpt["args"]["exit_hidden"]) for i in range(len(thr))
-                if METHODS[m][0] == "classifier"}
-        state = {k[len(m) + 1 :]: v for k, v in ckpt["model"].items() if k.startswith(m + ".")}
-        nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
-            {str(i): c for i, c in clfs.items()})}).load_state_dict(state)
-        out[m] = ([b.to(device).eval() for b in blocks], [(clfs.get(i), t) for i, t in enumerate(thr)])
-    return out, Vocab(ckpt["vocab"])
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -316,8 +293,7 @@ def compare(args):
         r.update(info, es_ppl=[es0, *info["es_ppl"]], thresholds=[t for _, t in routers])
         print(f"{NAMES[m]} | final PPL {r['final_ppl']:.3f} (block 0 alone {r['block0_ppl']:.3f}) | accuracy "
               f"{r['accuracy']:.2f}% | shallow {r['shallow']:.1f}% | saved {r['saved']:.1f}% layers, {r['flops_saved']:.1f}% FLOPs")
-        saved[m] = nn.ModuleDict({"blocks": nn.ModuleList(blocks), "classifiers": nn.ModuleDict(
-            {str(i): c for i, (c, _) in enumerate(routers) if c is not None})})
+        saved[m] = cascade.as_module(blocks, {i: c for i, (c, _) in enumerate(routers) if c is not None})
     print_tables(results, methods, args)
     saved.config = cfg
     ck.save_checkpoint(args.out, saved, vocab, kind=KIND, block_layers=bl, methods=methods, args=vars(args),

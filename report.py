@@ -1,15 +1,19 @@
 """
 Reporting: Markdown tables, the terminal plot of PPL against compute, the optional PNG, and what
 the scripts print with them: seed 000's tables at the end of train.py, sweep.py's table, analysis,
-oracle shares, plot and files, and its --windows and --details sections.
+oracle shares, plot and files, and its --windows, --details and --calibrate sections.
 """
 
 import csv
 import json
+import math
+
+import torch
 
 import measure
 import uncertainty as un
 from checkpoint import atomic_write, write_text
+from data import eval_ids
 
 
 def md(header, rows):
@@ -151,7 +155,7 @@ def sweep_files(args, result, series):
         save_png(args.plot, series, [(o["compute"], o["ppl"]) for o in result["oracle"]])
 
 
-# sweep.py --windows and --details
+# sweep.py --windows, --details and --calibrate
 
 
 def windows_section(stats, cfg, args, series):
@@ -187,3 +191,43 @@ def details_section(stats, cfg, args, vocab):
     print("\n".join(md(["Next character", "Share", "Exited", "Full-depth PPL", "Routed PPL", "Share of the cost"], [
         [r["class"], f"{r['share']:.1f}%", f"{r['exited']:.1f}%", f"{r['full_ppl']:.3f}", f"{r['routed_ppl']:.3f}",
          f"{r['cost_share']:.1f}%"] for r in measure.class_table(stats, cfg, depth, cls, names)])))
+
+
+def calibrate_section(model, vocab, data, args, device, routers):
+    """Learn then Test, as CALM uses it, for each --calibrate budget: the lowest threshold whose risk
+    stays within budget with probability >= 1 - delta over the valid windows, then that threshold on test."""
+    cfg = model.config
+    splits = {s: measure.token_stats(model, eval_ids(data, s, args.calibrate_chars, vocab)[0], args.eval_batch_size,
+                                     device, routers, args.stride) for s in ("valid", "test")}
+    T = splits["valid"]["window"]
+    grid = [1 - i / 100 for i in range(101)]  # from 1.0 (no exit: no risk at all, so no test) down by 0.01
+    print(f"\n## Thresholds with a guarantee ({args.risk}, delta {args.delta:g}): chosen on valid, shown on test\n")
+    print(f"With probability at least {1 - args.delta:g} over the {len(splits['valid']['target']) // T:,} valid windows "
+          f"(assumed drawn like the test ones), the chosen threshold's expected " + (
+              "PPL increase over full depth (per window, in log space; window means clipped to +-2 nats)"
+              if args.risk == "ppl" else "share of characters whose top prediction differs from full depth's")
+          + " is within the budget.\n")
+    head = ["Measure", "Budget", "Threshold", "valid: risk", "test: risk", "test: PPL", "test: compute saved", "holds on test"]
+    rows = []
+    for m in args.measures:
+        risk = {s: [measure.window_risk(st, cfg, t, m, args.risk) for t in grid] for s, st in splits.items()}
+        for budget in args.calibrate:
+            if args.risk == "ppl":  # window mean extra CE in [-2, 2] nats, mapped onto [0, 1]
+                limit, unit, bound = math.log1p(budget / 100), lambda d: (d.clamp(-2, 2) + 2) / 4, "bernstein"
+            else:
+                limit, unit, bound = budget / 100, lambda d: d, "hb"
+            chosen, _ = un.learn_then_test([(t, unit(r)) for t, r in zip(grid[1:], risk["valid"][1:])],
+                                           unit(torch.tensor(limit)).item(), args.delta, bound)
+            chosen = 1.0 if chosen is None else chosen  # nothing certified: never exit
+            i = grid.index(chosen)
+            shown = {s: show_risk(risk[s][i], args.risk) for s in splits}
+            test = measure.routed_metrics(splits["test"], chosen, cfg, m)
+            holds = risk["test"][i].mean().item() <= limit
+            rows.append([m, f"{budget:g}%", fmt_t(chosen), shown["valid"], shown["test"], f"{test['ppl']:.3f}",
+                         f"{100 - test['compute']:.1f}%", "yes" if holds else "NO"])
+    print("\n".join(md(head, rows)))
+    return rows
+
+
+def show_risk(r, kind):
+    return f"{100 * math.expm1(r.mean().item()):+.2f}% PPL" if kind == "ppl" else f"{100 * r.mean().item():.2f}%"

@@ -23,10 +23,7 @@ References
 [3] Schuster et al. 2022, CALM (confidence measures, learned routers, Learn then Test). arXiv:2207.07061
 """
 
-import math
 import time
-
-import torch
 
 import checkpoint as ck
 import cli
@@ -35,8 +32,6 @@ import measure
 import report
 import routers as learned
 import uncertainty as un
-from data import eval_ids
-from report import fmt_t, md
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
 BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
@@ -155,46 +150,6 @@ def run_sweep(model, ids, args, device, routers):
     return stats, rows, oracle
 
 
-def calibrate(model, vocab, data, args, device, routers):
-    """Learn then Test [3] for each --calibrate budget: the lowest threshold whose risk stays within
-    budget with probability >= 1 - delta over the valid windows, then that threshold on test."""
-    cfg = model.config
-    splits = {s: measure.token_stats(model, eval_ids(data, s, args.calibrate_chars, vocab)[0], args.eval_batch_size,
-                                     device, routers, args.stride) for s in ("valid", "test")}
-    T = splits["valid"]["window"]
-    grid = [1 - i / 100 for i in range(101)]  # from 1.0 (no exit: no risk at all, so no test) down by 0.01
-    print(f"\n## Thresholds with a guarantee ({args.risk}, delta {args.delta:g}): chosen on valid, shown on test\n")
-    print(f"With probability at least {1 - args.delta:g} over the {len(splits['valid']['target']) // T:,} valid windows "
-          f"(assumed drawn like the test ones), the chosen threshold's expected " + (
-              "PPL increase over full depth (per window, in log space; window means clipped to +-2 nats)"
-              if args.risk == "ppl" else "share of characters whose top prediction differs from full depth's")
-          + " is within the budget.\n")
-    head = ["Measure", "Budget", "Threshold", "valid: risk", "test: risk", "test: PPL", "test: compute saved", "holds on test"]
-    rows = []
-    for m in args.measures:
-        risk = {s: [measure.window_risk(st, cfg, t, m, args.risk) for t in grid] for s, st in splits.items()}
-        for budget in args.calibrate:
-            if args.risk == "ppl":  # window mean extra CE in [-2, 2] nats, mapped onto [0, 1]
-                limit, unit, bound = math.log1p(budget / 100), lambda d: (d.clamp(-2, 2) + 2) / 4, "bernstein"
-            else:
-                limit, unit, bound = budget / 100, lambda d: d, "hb"
-            chosen, _ = un.learn_then_test([(t, unit(r)) for t, r in zip(grid[1:], risk["valid"][1:])],
-                                           unit(torch.tensor(limit)).item(), args.delta, bound)
-            chosen = 1.0 if chosen is None else chosen  # nothing certified: never exit
-            i = grid.index(chosen)
-            shown = {s: show_risk(risk[s][i], args.risk) for s in splits}
-            test = measure.routed_metrics(splits["test"], chosen, cfg, m)
-            holds = risk["test"][i].mean().item() <= limit
-            rows.append([m, f"{budget:g}%", fmt_t(chosen), shown["valid"], shown["test"], f"{test['ppl']:.3f}",
-                         f"{100 - test['compute']:.1f}%", "yes" if holds else "NO"])
-    print("\n".join(md(head, rows)))
-    return rows
-
-
-def show_risk(r, kind):
-    return f"{100 * math.expm1(r.mean().item()):+.2f}% PPL" if kind == "ppl" else f"{100 * r.mean().item():.2f}%"
-
-
 def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
@@ -231,7 +186,7 @@ def main(args):
         report.windows_section(stats, cfg, args, series)
     if args.details:
         report.details_section(stats, cfg, args, vocab)
-    calibrated = calibrate(model, vocab, data, args, device, routers) if args.calibrate else []
+    calibrated = report.calibrate_section(model, vocab, data, args, device, routers) if args.calibrate else []
 
     result = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split,
               "tokens": len(stats["ce"][cfg.n_layer]), "mode": args.mode, "full_depth_ppl": full,

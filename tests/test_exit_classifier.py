@@ -121,7 +121,7 @@ def test_compare_end_to_end_and_checkpoint(wiki_folder, tmp_path, capsys):
     assert "| Final PPL |" in printed and "| seed distill |" in printed and "exit epoch  2/2" in printed
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["methods"] == ["A", "B", "C"] and ckpt["block_layers"] == [2, 2]
-    cascades, vocab = ec.load_cascades(out)
+    cascades, vocab = cascade.load(out)
     for m, (blocks, routers) in cascades.items():
         assert len(blocks) == 2 and routers[0][1] == results[m]["thresholds"][0]
         assert (routers[0][0] is None) == (m == "C")
