@@ -1,7 +1,8 @@
 """
 Checkpoints: one .pt file holding everything needed to use or resume a model (config with its loss
 weights, state dict, vocabulary, training args, step, metrics, optimizer), plain tensors and Python
-values only, so `torch.load(..., weights_only=True)` reads it. Every write is atomic.
+values only, so `torch.load(..., weights_only=True)` reads it. Every write is atomic. A run resumes
+from one with the args it was trained with and its optimizer states.
 """
 
 import contextlib
@@ -177,3 +178,28 @@ def eval_text(args, ckpt, vocab):
     data = args.data if args.data is not None else trained.get("data", "")
     chars = args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000)
     return eval_ids(data, args.split, chars, vocab)
+
+
+def resume_point(args, keep):
+    """The checkpoint at args.out and the args to go on with: those it was trained with, except the
+    flags named in `keep` (how long, where, on what), which this command line gives. The learning-
+    rate schedule keeps its end unless args.restart_schedule stretches it to args.max_iters."""
+    ckpt = load_checkpoint(args.out)
+    model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
+    if "optimizer" not in ckpt:
+        raise EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
+    if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
+        ckpt["optimizer"] = [ckpt["optimizer"]]
+    merged = {**vars(args), "schedule_iters": ckpt["args"].get("max_iters"), **ckpt["args"],
+              **{k: getattr(args, k) for k in keep}}
+    if args.restart_schedule:
+        merged["schedule_iters"] = args.max_iters
+    return ckpt, type(args)(**merged)
+
+
+def restore(model, optimizers, ckpt, path):
+    """Weights and optimizer states from a checkpoint, in place; returns its step, best val and history."""
+    load_weights(model, ckpt["model"], path)
+    for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+        opt.load_state_dict(state)
+    return ckpt["step"], ckpt["best_val"], ckpt.get("history", [])

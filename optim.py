@@ -14,6 +14,8 @@ import math
 import torch
 from torch.optim import AdamW
 
+import cli
+
 OPTIMIZERS = ("muon", "adamw")
 
 
@@ -54,6 +56,18 @@ def is_hidden_matrix(name, p):
     """A 2-D weight inside a transformer block: what Muon trains (embeddings and heads are lookups
     and read-outs, not hidden transforms; AdamW trains them)."""
     return p.dim() == 2 and ".h." in f".{name}"
+
+
+def add_arguments(g):
+    """The flags configure_optimizers and get_lr read, into the argparse group g."""
+    g.add_argument("--optimizer", default="muon", choices=OPTIMIZERS, help="Muon for the blocks' matrices "
+                   "and AdamW for the rest, or AdamW for all")
+    g.add_argument("--muon-lr", type=cli.number(float, 0.0), default=0.02, help="Muon's peak learning rate")
+    g.add_argument("--lr", type=cli.number(float, 0.0), default=3e-3, help="AdamW's peak learning rate (linear "
+                   "warmup, cosine decay; Muon's follows the same schedule)")
+    g.add_argument("--min-lr", type=cli.number(float, 0.0), default=3e-4, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-iters", type=cli.number(int, 0), default=100, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=cli.number(float, 0.0), default=0.1, help="AdamW weight decay on matrices")
 
 
 def configure_optimizers(model, args):

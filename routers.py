@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data import eval_windows
+from data import eval_windows, held_out
 from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax
 from measure import cost_confidence, kl_divergence
 
@@ -106,6 +106,17 @@ def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
     return out
+
+
+def fit_held_out(model, data, train_chars, chars, vocab, epsilon=0.1, device="cpu"):
+    """fit_routers on `chars` characters of the train split past the first train_chars, which the model
+    never trained on, as to_checkpoint stores them; None, with a line saying why, if there are too few."""
+    ids = held_out(data, train_chars, chars, vocab)
+    if len(ids) <= 4 * (model.config.block_size + 1):
+        print(f"routers: skipped, only {len(ids):,} training characters after --train-chars {train_chars:,} "
+              f"(use a smaller --train-chars, or --router-chars 0 to say so)")
+        return None
+    return to_checkpoint(fit_routers(model, ids, epsilon, device), epsilon)
 
 
 def to_checkpoint(routers, epsilon):

@@ -29,7 +29,7 @@ import eemini as ee
 import optim
 import report
 import routers
-from data import get_batch, held_out, load_data
+from data import get_batch, load_data
 from measure import exit_metrics, layer_ppl, routed_metrics, token_stats
 
 TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis rows
@@ -88,18 +88,11 @@ def parse_args(argv=None):
     g.add_argument("--router-epsilon", type=cli.number(float, 0.0), default=0.1, help="the loss router's label: the "
                    "exit's CE within this many nats of the last layer's")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="muon", choices=optim.OPTIMIZERS, help="Muon for the blocks' matrices "
-                   "and AdamW for the rest, or AdamW for all")
-    g.add_argument("--muon-lr", type=cli.number(float, 0.0), default=0.02, help="Muon's peak learning rate")
+    optim.add_arguments(g)
     g.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="sequences per step per process")
     g.add_argument("--grad-accum", type=cli.number(int, 1), default=1, help="micro-batches per step (keeps "
                    "the global batch when the number of processes changes)")
-    g.add_argument("--lr", type=cli.number(float, 0.0), default=3e-3, help="AdamW's peak learning rate (linear "
-                   "warmup, cosine decay; Muon's follows the same schedule)")
-    g.add_argument("--min-lr", type=cli.number(float, 0.0), default=3e-4, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-iters", type=cli.number(int, 0), default=100, help="linear warmup steps")
     g.add_argument("--max-iters", type=cli.number(int, 1), default=2000, help="total optimisation steps")
-    g.add_argument("--weight-decay", type=cli.number(float, 0.0), default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=cli.number(float, 0.0), default=1.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=1337, help="random seed (init and batches)")
     g = p.add_argument_group("eval / io")
@@ -173,22 +166,6 @@ class Run:
         """The loss table of this step: the config's, or the early-exit curriculum's share of it."""
         a, cfg = self.args, self.raw.config
         return optim.curriculum(cfg.loss_weights, cfg.n_layer, a.exit_curriculum, step, a.schedule_iters, a.rotate_every)
-
-
-def load_for_resume(args):
-    """The checkpoint at --out and the args to go on with: its own, except the RESUME_KEEPS flags.
-    The learning-rate schedule keeps its end unless --restart-schedule stretches it to --max-iters."""
-    ckpt = ck.load_checkpoint(args.out)
-    ck.model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
-    if "optimizer" not in ckpt:
-        raise ee.EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
-    if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
-        ckpt["optimizer"] = [ckpt["optimizer"]]
-    merged = {**vars(args), "schedule_iters": ckpt["args"].get("max_iters"), **ckpt["args"],
-              **{k: getattr(args, k) for k in RESUME_KEEPS}}
-    if args.restart_schedule:
-        merged["schedule_iters"] = args.max_iters
-    return ckpt, type(args)(**merged)
 
 
 def load_text(args, ckpt, rank, world):
@@ -330,15 +307,10 @@ def final_report(run, val, t0):
 
 def fit_routers(run):
     """Learned routers for every trained exit, on held-out training text, into the checkpoint."""
-    a, cfg = run.args, run.raw.config
-    if not (a.router_chars and cfg.trained_exits):
-        return
-    ids = held_out(a.data, a.train_chars, a.router_chars, run.vocab)
-    if len(ids) <= 4 * (cfg.block_size + 1):
-        run.log(f"routers: skipped, only {len(ids):,} training characters after --train-chars {a.train_chars:,} "
-                f"(use a smaller --train-chars, or --router-chars 0 to say so)")
-        return
-    run.routers = routers.to_checkpoint(routers.fit_routers(run.raw, ids, a.router_epsilon, run.device), a.router_epsilon)
+    a = run.args
+    if a.router_chars and run.raw.config.trained_exits:
+        run.routers = routers.fit_held_out(run.raw, a.data, a.train_chars, a.router_chars, run.vocab, a.router_epsilon,
+                                           run.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +324,7 @@ def main(args):
         if not (args.resume or args.overwrite) and Path(args.out).exists():
             raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
                                  f"or --overwrite to replace it")
-        ckpt, args = load_for_resume(args) if args.resume else (None, args)
+        ckpt, args = ck.resume_point(args, RESUME_KEEPS) if args.resume else (None, args)
         device = cli.setup_device(args.device, args.threads, world, local_rank)
         torch.manual_seed(args.seed)
         vocab, train_data, val = load_text(args, ckpt, rank, world)
@@ -383,10 +355,7 @@ def main(args):
 
 def resume(run, ckpt):
     """Weights, optimizer state, step and best val from the checkpoint; say where the schedule goes."""
-    ck.load_weights(run.raw, ckpt["model"], run.args.out)
-    for opt, state in zip(run.optimizers, ckpt["optimizer"], strict=True):
-        opt.load_state_dict(state)
-    run.step, run.best_val, run.history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
+    run.step, run.best_val, run.history = ck.restore(run.raw, run.optimizers, ckpt, run.args.out)
     a = run.args
     run.log(f"resuming from step {run.step} of {a.out} | " + (
         f"the learning-rate schedule restarts: cosine from step 0 to {a.schedule_iters}" if a.restart_schedule else
