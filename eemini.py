@@ -474,16 +474,6 @@ def checked_exits(threshold, exits):
     return {k: t for k, t in at.items() if t < 1.0}
 
 
-def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
-    """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
-    its threshold, else n_layer. conf_by_exit: {exit layer: confidence}; shape is needed only
-    when there is no exit point."""
-    depth = torch.full(shape or next(iter(conf_by_exit.values())).shape, n_layer, dtype=torch.long)
-    for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
-        depth = torch.where(exit_mask(conf_by_exit[k], at_exit(threshold, k)), k, depth.to(conf_by_exit[k].device))
-    return depth
-
-
 # ----------------------------------------------------------------------------------------------
 # loss schemes: each one a table {layer: weight}; the loss is sum_k weight_k * CE(layer k).
 # Several exit points share the weight a scheme gives "the exit"; with one exit nothing changes.

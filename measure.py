@@ -17,11 +17,21 @@ import torch
 from torch.nn import functional as F
 
 from data import eval_windows
-from eemini import CONFIDENCE, checked_exits, exit_depth
+from eemini import CONFIDENCE, at_exit, checked_exits, exit_mask
 from uncertainty import window_means
 
 # ----------------------------------------------------------------------------------------------
 # masked routing: every layer ran for every token, and each token's output is read off the exit it left at
+
+
+def exit_depth(conf_by_exit, threshold, n_layer, shape=None):
+    """Layer each token leaves at: the first exit point (in depth order) whose confidence clears
+    its threshold, else n_layer. conf_by_exit: {exit layer: confidence}; shape is needed only
+    when there is no exit point."""
+    depth = torch.full(shape or next(iter(conf_by_exit.values())).shape, n_layer, dtype=torch.long)
+    for k in sorted(conf_by_exit, reverse=True):  # deepest first, so a shallower exit overrides
+        depth = torch.where(exit_mask(conf_by_exit[k], at_exit(threshold, k)), k, depth.to(conf_by_exit[k].device))
+    return depth
 
 
 def pick_by_depth(by_layer, depth):
