@@ -71,6 +71,29 @@ def exclusive(path, who="train.py"):
             lock.unlink(missing_ok=True)  # still holding it: whoever opened this file meanwhile sees it replaced
 
 
+def check_out(path, example):
+    """Refuse, before any work, a checkpoint path that is a folder."""
+    if Path(path).is_dir():
+        raise EEminiError(f"--out {path} is a folder; give a file, e.g. --out {Path(path) / example}")
+
+
+def refuse_existing(path, overwrite, also=""):
+    """A trained model is never replaced by accident: an existing path needs --overwrite (or `also`)."""
+    if Path(path).exists() and not overwrite:
+        raise EEminiError(f"{path} already exists; {also}--out NEW.pt to keep it, or --overwrite to replace it")
+
+
+def check_output(path, flag, suffix):
+    """Refuse, before any work, an output file that is a folder, or that exists and is not of the kind
+    written (a checkpoint, a script or the README is never replaced by a slip of the hand)."""
+    p = Path(path)
+    if p.is_dir():
+        raise EEminiError(f"{flag} {path} is a folder; give a file, e.g. {flag} {p / ('sweep' + suffix)}")
+    if p.exists() and p.suffix.lower() != suffix:
+        raise EEminiError(f"{flag} {path} exists and is not a {suffix} file, so it is not replaced; "
+                          f"give a new name, or a {suffix} file to update")
+
+
 def remove_stale_temps(path):
     """Delete the temp files an interrupted save of path left behind (path.XXXXXXXX.tmp, and the
     pathXXXXXXXX.tmp of earlier versions); say how many and how large."""
@@ -127,9 +150,9 @@ def load_checkpoint(path, device="cpu"):
         raise EEminiError(f"no checkpoint at {path}; train one with `python train.py` (or pass its path)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated zip, a text file, pickled code that weights_only refuses ...
+    except Exception:  # a truncated zip, a text file, pickled code that weights_only refuses ...
         raise EEminiError(f"{path} is not a readable checkpoint (corrupt, truncated, or not written by "
-                          f"eemini: {type(e).__name__}); re-train or re-copy it") from None
+                          f"eemini); re-train or re-copy it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, "eemini-1"):
         raise EEminiError(f"{path} is not an eemini checkpoint (no '{FORMAT}' format tag); "
                           f"pass a file written by train.py")
@@ -157,8 +180,8 @@ def model_from_checkpoint(ckpt, device="cpu"):
     """(model in eval mode, vocab) from a checkpoint dict."""
     path = ckpt.get("path", "the checkpoint")
     if ckpt.get("kind", "gpt") != "gpt":
-        raise EEminiError(f"this is a {ckpt['kind']} checkpoint, not a train.py model; "
-                          f"use the script that wrote it (exit_classifier.py for cascades)")
+        raise EEminiError(f"{path} is a {ckpt['kind']} checkpoint (exit_classifier.py writes cascades), not a "
+                          f"train.py model; pass a checkpoint that train.py wrote")
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
     except TypeError as e:
@@ -182,15 +205,22 @@ def eval_text(args, ckpt, vocab):
 
 def resume_point(args, keep):
     """The checkpoint at args.out and the args to go on with: those it was trained with, except the
-    flags named in `keep` (how long, where, on what), which this command line gives. The learning-
-    rate schedule keeps its end unless args.restart_schedule stretches it to args.max_iters."""
+    flags named in `keep` (how long, where, on what), which this command line gives; another flag
+    the command line gave (args.given) that differs from the checkpoint's is refused, not ignored.
+    The learning-rate schedule keeps its end unless args.restart_schedule stretches it to max_iters."""
     ckpt = load_checkpoint(args.out)
     model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
     if "optimizer" not in ckpt:
         raise EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
     if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
         ckpt["optimizer"] = [ckpt["optimizer"]]
-    merged = {**vars(args), "schedule_iters": ckpt["args"].get("max_iters"), **ckpt["args"],
+    given, old = getattr(args, "given", ()), ckpt["args"]
+    clash = [k for k in given if k not in keep and k in old and getattr(args, k) != old[k]]
+    if clash:
+        raise EEminiError(f"--resume goes on with {args.out}'s own settings, and " + ", ".join(
+            f"--{k.replace('_', '-')} {getattr(args, k)} (it has {old[k]})" for k in clash)
+            + " would be ignored: drop them, or train a new model with --out NEW.pt")
+    merged = {**{k: v for k, v in vars(args).items() if k != "given"}, "schedule_iters": old.get("max_iters"), **old,
               **{k: getattr(args, k) for k in keep}}
     if args.restart_schedule:
         merged["schedule_iters"] = args.max_iters

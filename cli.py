@@ -20,8 +20,16 @@ import torch.distributed as dist
 from eemini import EEminiError
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's commands kept as written; every flag's default shown."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's commands kept as written; a flag's default shown as one would type it (1,2 for
+    a list), unless its help already tells it or there is none (an unset value, an off switch)."""
+
+    def _get_help_string(self, action):
+        text, d = action.help or "", action.default
+        if not action.option_strings or "default" in text or d is None or d is False or d == "" or d == []:
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):

@@ -10,7 +10,7 @@ hidden states. At evaluation a token leaves at block 0 when its confidence clear
 Tiny CPU run (a few seconds on 2 cores):
     python exit_classifier.py --data ../shared/data/wikitext-2 --train-seqs 600 --max-epochs 2 --val-chars 5000
 Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
-hard tokens (2-3 minutes each on 2 quiet CPU cores; every block stops early, block 0 after ~34 epochs):
+hard tokens (5 to 6 minutes each on a CPU core; every block stops early, block 0 after about 30 epochs):
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack
     python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace
 Bigger, on a GPU:
@@ -31,7 +31,6 @@ seed 004's hypothesis 2 is about) and prints it as its own row.
 import copy
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -85,6 +84,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("eval / io")
     cli.add_eval_batch_size(g)
     g.add_argument("--out", default="exit_classifier.pt", help="checkpoint to write")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out (by default it is refused, "
+                   "so a trained model is never lost)")
     cli.add_device(g)
     args = p.parse_args(argv)
     if len(args.block_layers) < 2:
@@ -253,9 +254,9 @@ def print_tables(results, methods, args):
 
 
 def main(args):
-    if Path(args.out).is_dir():
-        raise ee.EEminiError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / 'ec.pt'}")
+    ck.check_out(args.out, "ec.pt")
     with ck.exclusive(args.out, "exit_classifier.py"):  # one writer per checkpoint
+        ck.refuse_existing(args.out, args.overwrite)
         return compare(args)
 
 

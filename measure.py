@@ -1,7 +1,8 @@
 """
 Measurement: masked routing and what routing costs (Compute%, FLOPs%); one pass gathers every
 token's cross-entropy and confidences, and every threshold, the oracle frontier and the sweep's rows
-are read from them. True early exit is measured separately.
+are read from them; true early exit's metrics (exit_metrics), one pass a threshold; window-level
+routing, character classes, and the per-window risk that sweep.py --calibrate tests.
 
 Masked routing [1] needs no second pass: a token's output is the exit's or the last layer's, both
 already computed, so a whole threshold sweep costs one evaluation. True early exit changes what the

@@ -1,7 +1,7 @@
 """
 Optimisation: Muon for the blocks' matrices, AdamW for everything else, the learning-rate
-schedule both follow (linear warmup, cosine decay), and the early-exit loss curriculum (which heads
-a step trains).
+schedule both follow (linear warmup, cosine decay) and the flags they read, and the early-exit loss
+curriculum (which heads a step trains).
 
 Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon; Liu et al. 2025, arXiv:2502.16982)
 replaces each 2-D weight's update by the nearest orthogonal matrix of its momentum (a few

@@ -101,7 +101,8 @@ def interval(lo, hi, digits):
 def sweep_table(rows, mode, conf):
     exit_col = mode == "both"
     print(f"\n## Threshold sweep ({conf} confidence, {'true early exit' if mode == 'exit' else 'masked'})\n")
-    print("| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth [95% CI] | Oracle PPL |"
+    ci = " [95% CI]" if any("delta_lo" in r for r in rows) else ""  # none with --resamples 0 or --mode exit
+    print(f"| Threshold | PPL | Shallow exit | Compute | FLOPs | ΔPPL vs full depth{ci} | Oracle PPL |"
           + (" True-exit PPL |" if exit_col else ""))
     print("|---" * (7 + exit_col) + "|")
     for r in rows:
@@ -119,7 +120,7 @@ def sweep_analysis(a, budget):
     print(f"\n{'best PPL':20} {line(a['best_ppl'])}")
     print(f"{f'within +{budget:g}% PPL':20} " + (line(w) if w else f"no threshold stays within +{budget:g}%"))
     print(f"{'maximum efficiency':20} {line(a['max_efficiency'])}")
-    need = f" (the confidence router needs {w['compute']:.1f}%)" if w else ""
+    need = f" (this measure needs {w['compute']:.1f}%)" if w else ""
     low = a["oracle_compute_within_budget"]
     print(f"{'oracle frontier':20} within +{budget:g}% PPL down to compute {low:.1f}%{need}")
 

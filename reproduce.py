@@ -6,10 +6,11 @@ batch 32, block 128 for every train.py model), then writes RESULTS.md and result
 tables in its own layout as mean ± std over the seeds, [the seed's figure] beside each cell; the
 PPL-against-Compute plots (masked, true exit, oracle frontier); and a verdict on every key finding.
 
-Smoke run (about 1-2 minutes on 2 CPU cores; writes runs/quick/RESULTS.md):
+Smoke run (2-3 minutes on 2 CPU cores; writes runs/quick/RESULTS.md):
     python reproduce.py --data ../shared/data/wikitext-2 --quick
-The full run (3 seeds x 8 models + seed 004's cascade; 31 minutes on 2 quiet CPU cores):
-    python reproduce.py --data ../shared/data/wikitext-2
+The full run (3 seeds x 8 models, seed 004's cascade, and three longer runs for the training curve;
+about 55 minutes on 2 CPU cores with --jobs 2):
+    python reproduce.py --data ../shared/data/wikitext-2 --jobs 2
 Bigger, on a GPU:
     python reproduce.py --device cuda --seeds 5 --max-iters 5000
 
@@ -177,7 +178,7 @@ def run_one(script, argv, stem, args):
         run_script(script, argv, stem, ["--resume" if kept else "--overwrite"])
         return measure_model(path, args), kept
     if not kept:
-        run_script(script, argv, stem)
+        run_script(script, argv, stem, ["--overwrite"])
     ckpt = ck.load_checkpoint(path)  # a cascade's figures are the ones exit_classifier.py measured and saved
     return flatten({ckpt["names"][m]: r for m, r in ckpt["metrics"].items()}), kept
 

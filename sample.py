@@ -27,7 +27,7 @@ SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones 
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     cli.add_checkpoint(p)
-    p.add_argument("--prompt", default="\n", help="text to continue (characters unseen in training map to unknown)")
+    p.add_argument("--prompt", default="\n", help="text to continue (characters unseen in training map to unknown; default: a newline)")
     p.add_argument("--max-new-tokens", type=cli.number(int, 1), default=500, help="characters to generate per sample")
     p.add_argument("--num-samples", type=cli.number(int, 1), default=1, help="samples, generated together as one batch")
     p.add_argument("--threshold", type=cli.comma_list(cli.threshold), default=[0.9], help="exit when confidence >= "

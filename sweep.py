@@ -24,6 +24,7 @@ References
 """
 
 import time
+from pathlib import Path
 
 import checkpoint as ck
 import cli
@@ -82,10 +83,17 @@ def parse_args(argv=None):
     return args
 
 
-def check_stride(args, cfg):
+def check_request(args, cfg, data):
+    """What would fail only after the evaluation, refused before it."""
     if args.stride >= cfg.block_size:
         raise ee.EEminiError(f"--stride {args.stride} is not below the model's context ({cfg.block_size}); "
                              f"0 reads windows side by side")
+    if args.calibrate and data and Path(data).is_file():
+        raise ee.EEminiError(f"--calibrate chooses on the valid split and shows on test, and {data} is a single "
+                             f"text file, with no test split: give --data a WikiText folder, or drop --calibrate")
+    for flag, path, suffix in (("--csv", args.csv, ".csv"), ("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
+        if path:
+            ck.check_output(path, flag, suffix)
 
 
 def describe(ckpt, path):
@@ -110,6 +118,9 @@ def measures(args, routers):
     """The --confidence names, checked: built-in measures and the checkpoint's learned routers."""
     names = [*ee.CONFIDENCE, *routers] if "all" in args.confidence else args.confidence
     for m in names:
+        if m.endswith(".pt"):  # --confidence takes every word after it
+            raise ee.EEminiError(f"--confidence {' '.join(args.confidence)}: {m} is a checkpoint, not a measure; "
+                                 f"give the checkpoint first: sweep.py {m} --confidence ...")
         learned.resolve(m, routers)
     return names
 
@@ -126,7 +137,7 @@ def run_sweep(model, ids, args, device, routers):
         stats = measure.token_stats(model, ids, args.eval_batch_size, device, routers, args.stride)
     oracle = measure.Oracle(stats, cfg)
     rows = measure.masked_sweep(stats, cfg, args.thresholds, args.measures, oracle)
-    for r in rows if args.resamples else ():
+    for r in rows if args.resamples and args.mode != "exit" else ():  # exit mode shows true-exit figures only
         depth = measure.routed_depth(stats, r["threshold"], cfg, r["confidence"])
         routed = measure.read_off(stats, "ce", depth, cfg)
         (r["ppl_lo"], r["ppl_hi"]), (r["delta_lo"], r["delta_hi"]) = un.bootstrap(
@@ -156,11 +167,11 @@ def main(args):
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg, routers = model.config, learned.from_checkpoint(ckpt, device)
     check_exit_trained(cfg, args.checkpoint)
-    check_stride(args, cfg)
-    args.measures = measures(args, routers)
-    print(describe(ckpt, args.checkpoint) + f" | device {device}")
     trained = ckpt.get("args") or {}
     data = args.data if args.data is not None else trained.get("data", "")
+    check_request(args, cfg, data)
+    args.measures = measures(args, routers)
+    print(describe(ckpt, args.checkpoint) + f" | device {device}")
     ids, source = ck.eval_text(args, ckpt, vocab)
     stats, rows, oracle = run_sweep(model, ids, args, device, routers)
     full = measure.ppl(stats["ce"][cfg.n_layer])
@@ -184,6 +195,8 @@ def main(args):
     report.frontier_plot(series, frontier)
     if args.windows and len(cfg.exits) == 1:
         report.windows_section(stats, cfg, args, series)
+    elif args.windows:
+        print(f"\n--windows: skipped, window-level routing is built for one exit and this model has {cfg.exits}")
     if args.details:
         report.details_section(stats, cfg, args, vocab)
     calibrated = report.calibrate_section(model, vocab, data, args, device, routers) if args.calibrate else []

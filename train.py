@@ -1,7 +1,7 @@
 """
 Train one early-exit GPT with one loss scheme, evaluate it, print the seeds' tables, save ckpt.pt.
 
-Tiny CPU run (about 2 minutes on 2 quiet cores, downloads WikiText-2 once; offline, add --data FOLDER):
+Quick start (3 to 4 minutes on 2 CPU cores; downloads WikiText-2 once; offline, add --data FOLDER):
     python train.py --loss asym --alpha 0.7
 Seed 002's 4-layer setting (exit after layer 2, weights 0 / 0.7 / 0 / 0.3):
     python train.py --n-layer 4 --exit-layers 2 --n-embd 32 --n-head 2 --layer-weights 0,0.7,0,0.3
@@ -12,6 +12,7 @@ Continue a run for more steps (Ctrl-C saves the run first; a second Ctrl-C stops
     python train.py --resume --max-iters 4000
 """
 
+import argparse
 import math
 import time
 from contextlib import nullcontext
@@ -100,23 +101,31 @@ def parse_args(argv=None):
     g.add_argument("--log-interval", type=cli.number(int, 1), default=100, help="print a training line every N steps")
     cli.add_eval_batch_size(g)
     g.add_argument("--out", default="ckpt.pt", help="checkpoint to write")
-    g.add_argument("--resume", action="store_true", help="continue training from --out")
+    g.add_argument("--resume", action="store_true", help="continue training from --out, with the settings it was "
+                   "trained with (only how long, where and how often to log and save come from this command line)")
     g.add_argument("--restart-schedule", action="store_true", help="with --resume and a larger --max-iters: run "
                    "the cosine again from step 0 to --max-iters (a warm restart); without it the schedule keeps "
                    "its end and the added steps run at --min-lr")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out (by default train.py "
                    "refuses, so a trained model is never lost)")
     cli.add_device(g)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     if args.gpt2:  # GPT-2's choices become the defaults, so that e.g. --gpt2 --optimizer muon means what it says
         p.set_defaults(**GPT2)
         args = p.parse_args(argv)
     check_args(p, args)
+    if args.resume:  # which flags the command line gave (a resumed run keeps the checkpoint's own)
+        probe = argparse.Namespace(**{k: None for k in vars(args)})  # argparse fills in defaults only where unset
+        given = p.parse_args(argv, probe)
+        args.given = sorted(k for k, v in vars(given).items() if v is not None)
     return args
 
 
 def check_args(p, args):
+    if 0 in args.exit_layers and len(set(args.exit_layers)) > 1:
+        p.error(f"--exit-layers {','.join(map(str, args.exit_layers))}: 0 means a plain model without an exit; "
+                f"give 0 alone, or exit layers from 1 up")
     args.exit_layers = sorted(set(args.exit_layers) - {0})
     if not all(k < args.n_layer for k in args.exit_layers):
         p.error(f"--exit-layers {','.join(map(str, args.exit_layers))} must each be between 1 and --n-layer - 1 = "
@@ -287,7 +296,7 @@ def step_once(run, train_data, val, gen, first, timer):
         eval_and_save(run, val)
 
 
-def final_report(run, val, t0):
+def final_report(run, val, t0, first):
     """The seeds' tables at the end of training, the true-exit figure beside them, and the save."""
     cfg = run.raw.config
     layers, rows = evaluate(run, val, [*TABLE_THRESHOLDS, run.args.threshold, 1.0, 0.0])
@@ -298,14 +307,15 @@ def final_report(run, val, t0):
     if cfg.exits:
         run.log(f"true early exit at threshold {run.args.threshold}: PPL {true_exit['ppl']:.3f} "
                 f"(masked {exit_row['ppl']:.3f}), shallow {true_exit['shallow']:.1f}%")
-    fit_routers(run)
+    add_routers(run)
     save(run, {"val_ppl": {str(k): v for k, v in layers.items()}, "routed": exit_row, "full": full,
                "exit_only": shallow, "thresholds": table, "true_exit": true_exit})
-    run.log(f"done: {run.step} steps in {cli.fmt_time(time.time() - t0)} | best val PPL (full depth) "
+    this_run = f" ({run.step - first} in this run)" if first else ""
+    run.log(f"done: {run.step} steps{this_run} in {cli.fmt_time(time.time() - t0)} | best val PPL (full depth) "
             f"{math.exp(run.best_val):.3f} | peak memory {cli.peak_memory(run.device)} | saved {run.args.out}")
 
 
-def fit_routers(run):
+def add_routers(run):
     """Learned routers for every trained exit, on held-out training text, into the checkpoint."""
     a = run.args
     if a.router_chars and run.raw.config.trained_exits:
@@ -318,12 +328,9 @@ def fit_routers(run):
 
 def main(args):
     rank, world, local_rank = cli.setup_distributed()
-    if Path(args.out).is_dir():
-        raise ee.EEminiError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / 'ckpt.pt'}")
+    ck.check_out(args.out, "ckpt.pt")
     with ck.exclusive(args.out) if rank == 0 else nullcontext():  # one writer per checkpoint
-        if not (args.resume or args.overwrite) and Path(args.out).exists():
-            raise ee.EEminiError(f"{args.out} already exists; --resume to continue it, --out NEW.pt to keep it, "
-                                 f"or --overwrite to replace it")
+        ck.refuse_existing(args.out, args.resume or args.overwrite, "--resume to continue it, ")
         ckpt, args = ck.resume_point(args, RESUME_KEEPS) if args.resume else (None, args)
         device = cli.setup_device(args.device, args.threads, world, local_rank)
         torch.manual_seed(args.seed)
@@ -344,10 +351,10 @@ def main(args):
                 f"{'layer-weights' if args.layer_weights else args.loss} weights "
                 + ", ".join(f"L{k}={w:g}" for k, w in cfg.loss_weights.items())
                 + (f" | {args.exit_curriculum} exit curriculum" if args.exit_curriculum != "none" else ""))
-        t0 = time.time()
+        t0, first = time.time(), run.step
         train_loop(run, train_data, val)
         if rank == 0:
-            final_report(run, val, t0)
+            final_report(run, val, t0, first)
     if world > 1:
         dist.destroy_process_group()
     return raw

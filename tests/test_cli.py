@@ -136,6 +136,9 @@ def test_help_shows_every_default(script, capsys):
     text = capsys.readouterr().out
     assert "(default:" in text
     assert "Traceback" not in text and text.splitlines()[0].startswith("usage:")
+    flat = " ".join(text.split())  # a default is shown as one would type it, once, and never as nothing
+    for shown in ("(default: None)", "(default: False)", "(default: )", "(default: [", "(default: '"):
+        assert shown not in flat, (shown, script)
 
 
 def test_shared_argument_types():

@@ -126,6 +126,11 @@ def test_compare_end_to_end_and_checkpoint(wiki_folder, tmp_path, capsys):
         assert len(blocks) == 2 and routers[0][1] == results[m]["thresholds"][0]
         assert (routers[0][0] is None) == (m == "C")
     assert 0 < results["A"]["shallow"] < 100
+    before = out.read_bytes()  # a second run never replaces it by accident
+    argv = ["--data", str(wiki_folder), "--out", str(out), *TINY]
+    assert "already exists" in cli_error(ec.main, ec.parse_args, argv) and out.read_bytes() == before
+    ec.main(ec.parse_args([*argv, "--overwrite", "--seed", "7"]))
+    assert out.read_bytes() != before
 
 
 def test_joint_mode_and_three_blocks(wiki_folder, tmp_path):

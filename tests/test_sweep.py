@@ -170,6 +170,25 @@ def test_bad_input(ckpts, tmp_path):
     assert "no confidence measure 'logit'" in msg and "has no learned routers" in msg
 
 
+def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(ckpts, tmp_path, text_file, capsys):
+    """--json onto a checkpoint, --csv onto a folder or a script, --calibrate without a test split:
+    one line before any evaluation, and nothing on disk changes."""
+    ckpt = ckpts / "asym.pt"
+    before = ckpt.read_bytes()
+    (tmp_path / "notes.md").write_text("mine")
+    for argv, match in ((["--json", str(ckpt)], "is not a .json file, so it is not replaced"),
+                        (["--csv", str(tmp_path)], "is a folder"),
+                        (["--csv", str(tmp_path / "notes.md")], "is not a .csv file"),
+                        (["--calibrate", "1", "--data", str(text_file)], "single text file, with no test split"),
+                        (["--confidence", "softmax", str(ckpt)], "is a checkpoint, not a measure; give the checkpoint first")):
+        assert match in cli_error(sweep.main, sweep.parse_args, [str(ckpt), *argv])
+        assert "masked: one pass" not in capsys.readouterr().out  # refused before the evaluation
+    assert ckpt.read_bytes() == before and (tmp_path / "notes.md").read_text() == "mine"
+    (tmp_path / "old.json").write_text("{}")  # an output of its own kind is updated
+    run_sweep(ckpt, "--thresholds", "0,1", "--json", tmp_path / "old.json")
+    assert json.loads((tmp_path / "old.json").read_text())["rows"]
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--thresholds", "0,1.5"], "threshold 1.5 is outside [0, 1]"),
     (["--thresholds", "-0.1"], "threshold -0.1 is outside [0, 1]"),

@@ -81,6 +81,18 @@ def test_an_existing_checkpoint_is_never_overwritten_by_accident(text_file, tmp_
     assert out.read_bytes() != before
 
 
+def test_resume_refuses_flags_it_would_ignore(text_file, tmp_path):
+    """A resumed run keeps the checkpoint's settings, so a model flag that differs is refused, not dropped."""
+    out = tmp_path / "ckpt.pt"
+    run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN)
+    before = out.read_bytes()
+    argv = ["--data", str(text_file), "--out", str(out), *TINY_TRAIN, "--resume", "--max-iters", "8"]
+    msg = cli_error(train.main, train.parse_args, [*argv, "--loss", "final", "--n-layer", "3"])
+    assert "--loss final (it has asym)" in msg and "--n-layer" not in msg and out.read_bytes() == before
+    run_train(*argv, "--alpha", "0.7")  # the value it was trained with: nothing to refuse
+    assert ck.load_checkpoint(out)["step"] == 8
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--alpha", "1.5"], "argument --alpha: 1.5 is outside [0.0, 1.0]"),
     (["--threshold", "-0.1"], "threshold -0.1 is outside [0, 1]"),
@@ -94,6 +106,7 @@ def test_an_existing_checkpoint_is_never_overwritten_by_accident(text_file, tmp_
     (["--n-layer", "2", "--layer-weights", "nan,1"], "argument --layer-weights: nan is outside"),
     (["--n-layer", "2", "--layer-weights", "0,0"], "all zero"),
     (["--loss", "aux", "--exit-layers", "0"], "--loss aux supervises an exit head"),
+    (["--exit-layers", "0,1"], "0 means a plain model without an exit"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(train.parse_args, argv, capsys)
