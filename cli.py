@@ -26,7 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text, d = action.help or "", action.default
-        if not action.option_strings or "default" in text or d is None or d is False or d == "" or d == []:
+        unset = d is None or d is False or (isinstance(d, (str, list)) and d in ("", [], argparse.SUPPRESS))
+        if not action.option_strings or "default" in text or unset:
             return text
         shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
         return f"{text} (default: {shown.replace('%', '%%')})"
