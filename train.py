@@ -72,8 +72,9 @@ def parse_args(argv=None):
                    help="training: freeze this share of the tokens at the trained exits (split evenly among them), so "
                    "that the deep layers learn to read frozen states, as they must under true early exit")
     g.add_argument("--layer-dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
-                   help="training: skip the last layer for this share of the sequences, fewer below (LayerSkip's "
-                   "layer dropout, for exits that agree with the last layer: self-speculative drafts)")
+                   help="training: LayerSkip's layer dropout, the rate at which a sequence skips the last layer; "
+                   "layer k is skipped at a rate rising from 0 at layer 1 to this at the last (exits that agree "
+                   "with the last layer draft better for self-speculative decoding)")
     g.add_argument("--exit-curriculum", default="none", choices=optim.CURRICULA, help="training: LayerSkip's early-exit "
                    "loss curriculum: each exit's loss in turn (rotational), or switched on from the deepest exit "
                    "down over the first half of the learning-rate schedule (gradual: a --restart-schedule resume "
