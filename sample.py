@@ -27,22 +27,27 @@ SHALLOW, RESET = "\033[32m", "\033[0m"  # exited characters in green, deep ones 
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     cli.add_checkpoint(p)
-    p.add_argument("--prompt", default="\n", help="text to continue (characters unseen in training map to unknown; default: a newline)")
-    p.add_argument("--max-new-tokens", type=cli.number(int, 1), default=500, help="characters to generate per sample")
-    p.add_argument("--num-samples", type=cli.number(int, 1), default=1, help="samples, generated together as one batch")
-    p.add_argument("--threshold", type=cli.comma_list(cli.threshold), default=[0.9], help="exit when confidence >= "
-                   "this (1.0 = full depth); one for every exit, or a comma list with one an exit")
-    p.add_argument("--speculative", type=cli.number(int, 0), default=0, help="self-speculative decoding with drafts "
-                   "of up to this many characters (0 = off): the full model's text, not early exit's")
-    p.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the first trained exit)")
-    p.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
-                   "learned router the checkpoint holds (router-kl, router-loss, router-consistency)")
-    p.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=cli.number(int, 0), default=0, help="sample from the k most likely characters (0 = all)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+    g = p.add_argument_group("text")
+    g.add_argument("--prompt", default="\n", help="text to continue (characters unseen in training map to unknown; "
+                   "default: a newline)")
+    g.add_argument("--max-new-tokens", type=cli.number(int, 1), default=500, help="characters to generate per sample")
+    g.add_argument("--num-samples", type=cli.number(int, 1), default=1, help="samples, generated together as one batch")
+    g.add_argument("--temperature", type=cli.number(float, 0.0), default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-k", type=cli.number(int, 0), default=0, help="sample from the k most likely characters (0 = all)")
+    g.add_argument("--seed", type=int, default=1337, help="random seed")
+    g.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="colour each character by its depth (auto: when writing to a terminal)")
-    cli.add_device(p)
+    g = p.add_argument_group("early exit")
+    g.add_argument("--threshold", type=cli.comma_list(cli.threshold), default=[0.9], help="exit when confidence >= "
+                   "this (1.0 = full depth); one for every exit, or a comma list with one an exit")
+    g.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
+                   "learned router the checkpoint holds (router-kl, router-loss, router-consistency)")
+    g = p.add_argument_group("self-speculative decoding")
+    g.add_argument("--speculative", type=cli.number(int, 0), default=0, help="drafts of up to this many characters "
+                   "(0 = off, early exit instead): the full model's text, not early exit's")
+    g.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the "
+                   "first trained exit)")
+    cli.add_device(p.add_argument_group("device"))
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("--prompt is empty; give at least one character")
