@@ -25,7 +25,7 @@ def atomic_write(path, mode="w", **open_kwargs):
     """Write to a temp file beside path and rename it over path only once all is written, so an
     interrupted write never spoils what was there. Yields the open file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")  # ckpt.pt.k3j4h5q8.tmp
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -39,6 +39,14 @@ def atomic_write(path, mode="w", **open_kwargs):
         raise
 
 
+def make_folder(folder):
+    """The folder a file goes into, made if missing; one line if it cannot be (read-only, a file there)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EEminiError(f"cannot make the folder {folder} ({e.strerror}); write somewhere else") from None
+
+
 @contextlib.contextmanager
 def exclusive(path, who="train.py"):
     """Hold path's lock file (path + '.lock') for as long as the block runs, so that a second process
@@ -46,7 +54,7 @@ def exclusive(path, who="train.py"):
     work. The lock is the operating system's (flock): it goes with the process, however that ends.
     Temp files a killed save left beside path are removed (no writer can be using them now)."""
     path, lock = Path(path), Path(f"{path}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     try:
         import fcntl
     except ImportError:  # not on this system (Windows): no lock, as before
@@ -84,14 +92,16 @@ def refuse_existing(path, overwrite, also=""):
 
 
 def check_output(path, flag, suffix):
-    """Refuse, before any work, an output file that is a folder, or that exists and is not of the kind
-    written (a checkpoint, a script or the README is never replaced by a slip of the hand)."""
+    """Refuse, before any work, an output file that is a folder, not named for what is written in it
+    (so a checkpoint, a script or the README is never replaced by a slip of the hand), or in a folder
+    that cannot be made."""
     p = Path(path)
     if p.is_dir():
         raise EEminiError(f"{flag} {path} is a folder; give a file, e.g. {flag} {p / ('sweep' + suffix)}")
-    if p.exists() and p.suffix.lower() != suffix:
-        raise EEminiError(f"{flag} {path} exists and is not a {suffix} file, so it is not replaced; "
-                          f"give a new name, or a {suffix} file to update")
+    if p.suffix.lower() != suffix:
+        raise EEminiError(f"{flag} {path}: give a file ending in {suffix}, the kind it writes (only such a file "
+                          f"is ever replaced)")
+    make_folder(p.parent)
 
 
 def remove_stale_temps(path):
@@ -203,11 +213,12 @@ def eval_text(args, ckpt, vocab):
     return eval_ids(data, args.split, chars, vocab)
 
 
-def resume_point(args, keep):
+def resume_point(args, keep, may_change=()):
     """The checkpoint at args.out and the args to go on with: those it was trained with, except the
-    flags named in `keep` (how long, where, on what), which this command line gives; another flag
-    the command line gave (args.given) that differs from the checkpoint's is refused, not ignored.
-    The learning-rate schedule keeps its end unless args.restart_schedule stretches it to max_iters."""
+    flags named in `keep` (how long, where, on what), which this command line gives, and those in
+    may_change where it gives them (args.given); any other flag it gives that differs from the
+    checkpoint's is refused, not ignored. The learning-rate schedule keeps its end unless
+    args.restart_schedule stretches it to max_iters."""
     ckpt = load_checkpoint(args.out)
     model_from_checkpoint(ckpt)  # a damaged file is refused here, in one line
     if "optimizer" not in ckpt:
@@ -215,13 +226,15 @@ def resume_point(args, keep):
     if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
         ckpt["optimizer"] = [ckpt["optimizer"]]
     given, old = getattr(args, "given", ()), ckpt["args"]
-    clash = [k for k in given if k not in keep and k in old and getattr(args, k) != old[k]]
+    clash = [k for k in given if k not in (*keep, *may_change) and k in old and getattr(args, k) != old[k]]
     if clash:
+        def typed(v):  # as one would type it: 1,2 for a list
+            return ",".join(map(str, v)) if isinstance(v, list) else v
         raise EEminiError(f"--resume goes on with {args.out}'s own settings, and " + ", ".join(
-            f"--{k.replace('_', '-')} {getattr(args, k)} (it has {old[k]})" for k in clash)
+            f"--{k.replace('_', '-')} {typed(getattr(args, k))} (it has {typed(old[k])})" for k in clash)
             + " would be ignored: drop them, or train a new model with --out NEW.pt")
     merged = {**{k: v for k, v in vars(args).items() if k != "given"}, "schedule_iters": old.get("max_iters"), **old,
-              **{k: getattr(args, k) for k in keep}}
+              **{k: getattr(args, k) for k in (*keep, *(k for k in may_change if k in given))}}
     if args.restart_schedule:
         merged["schedule_iters"] = args.max_iters
     return ckpt, type(args)(**merged)

@@ -27,7 +27,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text, d = action.help or "", action.default
         unset = d is None or d is False or (isinstance(d, (str, list)) and d in ("", [], argparse.SUPPRESS))
-        if not action.option_strings or "default" in text or unset:
+        if (not action.option_strings and action.nargs != "?") or "default:" in text or unset:
             return text
         shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
         return f"{text} (default: {shown.replace('%', '%%')})"

@@ -11,8 +11,8 @@ Tiny CPU run (a few seconds on 2 cores):
     python exit_classifier.py --data ../shared/data/wikitext-2 --train-seqs 600 --max-epochs 2 --val-chars 5000
 Seed 004's settings (the defaults), methods A/B/C on one block 0, each way of giving block 1 its
 hard tokens (5 to 6 minutes each on a CPU core; every block stops early, block 0 after about 30 epochs):
-    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack
-    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace
+    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context repack --out ec-repack.pt
+    python exit_classifier.py --data ../shared/data/wikitext-2 --compare --hard-context inplace --out ec-inplace.pt
 Bigger, on a GPU:
     python exit_classifier.py --compare --block-layers 4,4 --n-embd 256 --ffn-dim 1024 --train-seqs 30000
 

@@ -80,6 +80,10 @@ def parse_args(argv=None):
         p.error("--thresholds is empty; give at least one threshold in [0, 1]")
     args.thresholds = sorted(set(args.thresholds))
     args.confidence = list(dict.fromkeys(args.confidence))
+    for m in args.confidence:
+        if m.endswith(".pt"):  # --confidence takes every word after it
+            p.error(f"--confidence {' '.join(args.confidence)}: {m} is a checkpoint, not a measure; give the "
+                    f"checkpoint first: sweep.py {m} --confidence ...")
     return args
 
 
@@ -118,9 +122,6 @@ def measures(args, routers):
     """The --confidence names, checked: built-in measures and the checkpoint's learned routers."""
     names = [*ee.CONFIDENCE, *routers] if "all" in args.confidence else args.confidence
     for m in names:
-        if m.endswith(".pt"):  # --confidence takes every word after it
-            raise ee.EEminiError(f"--confidence {' '.join(args.confidence)}: {m} is a checkpoint, not a measure; "
-                                 f"give the checkpoint first: sweep.py {m} --confidence ...")
         learned.resolve(m, routers)
     return names
 

@@ -37,7 +37,9 @@ TABLE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # seed 000's Threshold Analysis r
 GPT2 = {"pos": "learned", "norm": "layer", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw",  # --gpt2
         "exit_dropout": 0.0}
 RESUME_KEEPS = ("max_iters", "eval_interval", "log_interval", "device", "threads", "compile", "out", "resume",
-                "overwrite", "restart_schedule")
+                "overwrite", "restart_schedule")  # a resumed run takes these from its command line
+RESUME_MAY_CHANGE = ("data", "eval_batch_size", "grad_accum")  # and these where given: a moved folder, less memory,
+# fewer processes (the vocabulary is checked against the checkpoint's)
 
 
 def parse_args(argv=None):
@@ -187,7 +189,7 @@ def load_text(args, ckpt, rank, world):
         dist.barrier()
     if ckpt is not None and vocab.itos != ckpt["vocab"]:
         raise ee.EEminiError(f"the training text's characters differ from those of {args.out}; "
-                             f"resume with the same --data and --train-chars")
+                             f"resume with the text it was trained on (--data, and the same --train-chars)")
     for name, ids, flag in (("training", train_data, "--train-chars"), ("validation", val, "--val-chars")):
         if len(ids) <= args.block_size + 1:  # found now, not after the first steps
             raise ee.EEminiError(f"the {name} text ({len(ids)} chars) is shorter than one window of "
@@ -332,7 +334,7 @@ def main(args):
     ck.check_out(args.out, "ckpt.pt")
     with ck.exclusive(args.out) if rank == 0 else nullcontext():  # one writer per checkpoint
         ck.refuse_existing(args.out, args.resume or args.overwrite, "--resume to continue it, ")
-        ckpt, args = ck.resume_point(args, RESUME_KEEPS) if args.resume else (None, args)
+        ckpt, args = ck.resume_point(args, RESUME_KEEPS, RESUME_MAY_CHANGE) if args.resume else (None, args)
         device = cli.setup_device(args.device, args.threads, world, local_rank)
         torch.manual_seed(args.seed)
         vocab, train_data, val = load_text(args, ckpt, rank, world)

@@ -118,7 +118,7 @@ def test_exit_classifier_runs(wiki_folder, tmp_path):
     ("train.py", ["--data", "/nonexistent/eemini", "--out", "/nonexistent/x.pt"]),
     ("sweep.py", ["/nonexistent/ckpt.pt"]),
     ("sample.py", ["/nonexistent/ckpt.pt"]),
-    ("exit_classifier.py", ["--data", "/nonexistent/eemini"]),
+    ("exit_classifier.py", ["--data", "/nonexistent/eemini", "--out", "/nonexistent/ec.pt"]),
     ("reproduce.py", ["--data", "/nonexistent/eemini", "--out-dir", "/nonexistent/runs"]),
     ("bench/generate.py", ["/nonexistent/ckpt.pt"]),
     ("bench/sweep_speed.py", ["/nonexistent/ckpt.pt"]),

@@ -151,4 +151,5 @@ def test_bad_flags_give_one_line(argv, match, capsys):
 
 
 def test_missing_data_is_one_error_line(tmp_path):
-    assert cli_error(ec.main, ec.parse_args, ["--data", str(tmp_path / "nope"), *TINY]).startswith("error: no data at")
+    argv = ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "ec.pt"), *TINY]
+    assert cli_error(ec.main, ec.parse_args, argv).startswith("error: no data at")

@@ -176,13 +176,16 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(ckpts,
     ckpt = ckpts / "asym.pt"
     before = ckpt.read_bytes()
     (tmp_path / "notes.md").write_text("mine")
-    for argv, match in ((["--json", str(ckpt)], "is not a .json file, so it is not replaced"),
+    for argv, match in ((["--json", str(ckpt)], "give a file ending in .json"),
                         (["--csv", str(tmp_path)], "is a folder"),
-                        (["--csv", str(tmp_path / "notes.md")], "is not a .csv file"),
-                        (["--calibrate", "1", "--data", str(text_file)], "single text file, with no test split"),
-                        (["--confidence", "softmax", str(ckpt)], "is a checkpoint, not a measure; give the checkpoint first")):
+                        (["--csv", str(tmp_path / "notes.md")], "give a file ending in .csv"),
+                        (["--plot", str(tmp_path / "new.svg")], "give a file ending in .png"),
+                        (["--json", str(tmp_path / "notes.md" / "s.json")], "cannot make the folder"),
+                        (["--calibrate", "1", "--data", str(text_file)], "single text file, with no test split")):
         assert match in cli_error(sweep.main, sweep.parse_args, [str(ckpt), *argv])
         assert "masked: one pass" not in capsys.readouterr().out  # refused before the evaluation
+    msg = flag_error(sweep.parse_args, ["--confidence", "softmax", str(ckpt)], capsys)
+    assert f"{ckpt} is a checkpoint, not a measure; give the checkpoint first" in msg
     assert ckpt.read_bytes() == before and (tmp_path / "notes.md").read_text() == "mine"
     (tmp_path / "old.json").write_text("{}")  # an output of its own kind is updated
     run_sweep(ckpt, "--thresholds", "0,1", "--json", tmp_path / "old.json")

@@ -87,10 +87,12 @@ def test_resume_refuses_flags_it_would_ignore(text_file, tmp_path):
     run_train("--data", str(text_file), "--out", str(out), *TINY_TRAIN)
     before = out.read_bytes()
     argv = ["--data", str(text_file), "--out", str(out), *TINY_TRAIN, "--resume", "--max-iters", "8"]
-    msg = cli_error(train.main, train.parse_args, [*argv, "--loss", "final", "--n-layer", "3"])
-    assert "--loss final (it has asym)" in msg and "--n-layer" not in msg and out.read_bytes() == before
-    run_train(*argv, "--alpha", "0.7")  # the value it was trained with: nothing to refuse
-    assert ck.load_checkpoint(out)["step"] == 8
+    msg = cli_error(train.main, train.parse_args, [*argv, "--loss", "final", "--n-layer", "3", "--exit-layers", "1,2"])
+    assert "--exit-layers 1,2 (it has 1), --loss final (it has asym) would be ignored" in msg
+    assert "--n-layer" not in msg and out.read_bytes() == before
+    run_train(*argv, "--alpha", "0.7", "--eval-batch-size", "3")  # its own value; one a resume may change
+    saved = ck.load_checkpoint(out)
+    assert saved["step"] == 8 and saved["args"]["eval_batch_size"] == 3 and "given" not in saved["args"]
 
 
 @pytest.mark.parametrize("argv, match", [
