@@ -2,7 +2,7 @@
 Seed 004's block-wise cascade, the parts exit_classifier.py trains: blocks of eemini layers with a
 head each, the exit classifier on a block's state and its two labels, the tokens a block reads
 (how the hard ones reach the next block: in their own text, or repacked), and the cascade's true
-early exit over held-out text with the seed's figures, and a trained cascade saved and loaded.
+early exit over held-out text with the seed's figures; the format a trained cascade is saved in, and loading it.
 
 [2] Schuster et al. 2022, CALM (state propagation). arXiv:2207.07061
 """

@@ -79,10 +79,10 @@ def exclusive(path, who="train.py"):
             lock.unlink(missing_ok=True)  # still holding it: whoever opened this file meanwhile sees it replaced
 
 
-def check_out(path, example):
-    """Refuse, before any work, a checkpoint path that is a folder."""
+def refuse_folder(path, flag, example):
+    """Refuse, before any work, an output path that is a folder."""
     if Path(path).is_dir():
-        raise EEminiError(f"--out {path} is a folder; give a file, e.g. --out {Path(path) / example}")
+        raise EEminiError(f"{flag} {path} is a folder; give a file, e.g. {flag} {Path(path) / example}")
 
 
 def refuse_existing(path, overwrite, also=""):
@@ -96,8 +96,7 @@ def check_output(path, flag, suffix):
     (so a checkpoint, a script or the README is never replaced by a slip of the hand), or in a folder
     that cannot be made."""
     p = Path(path)
-    if p.is_dir():
-        raise EEminiError(f"{flag} {path} is a folder; give a file, e.g. {flag} {p / ('sweep' + suffix)}")
+    refuse_folder(p, flag, "sweep" + suffix)
     if p.suffix.lower() != suffix:
         raise EEminiError(f"{flag} {path}: give a file ending in {suffix}, the kind it writes (only such a file "
                           f"is ever replaced)")

@@ -254,7 +254,7 @@ def print_tables(results, methods, args):
 
 
 def main(args):
-    ck.check_out(args.out, "ec.pt")
+    ck.refuse_folder(args.out, "--out", "ec.pt")
     with ck.exclusive(args.out, "exit_classifier.py"):  # one writer per checkpoint
         ck.refuse_existing(args.out, args.overwrite)
         return compare(args)

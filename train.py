@@ -105,7 +105,7 @@ def parse_args(argv=None):
     cli.add_eval_batch_size(g)
     g.add_argument("--out", default="ckpt.pt", help="checkpoint to write")
     g.add_argument("--resume", action="store_true", help="continue training from --out, with the settings it was "
-                   "trained with (only how long, where and how often to log and save come from this command line)")
+                   "trained with: a flag given beside it that would change them is refused, not ignored")
     g.add_argument("--restart-schedule", action="store_true", help="with --resume and a larger --max-iters: run "
                    "the cosine again from step 0 to --max-iters (a warm restart); without it the schedule keeps "
                    "its end and the added steps run at --min-lr")
@@ -331,7 +331,7 @@ def add_routers(run):
 
 def main(args):
     rank, world, local_rank = cli.setup_distributed()
-    ck.check_out(args.out, "ckpt.pt")
+    ck.refuse_folder(args.out, "--out", "ckpt.pt")
     with ck.exclusive(args.out) if rank == 0 else nullcontext():  # one writer per checkpoint
         ck.refuse_existing(args.out, args.resume or args.overwrite, "--resume to continue it, ")
         ckpt, args = ck.resume_point(args, RESUME_KEEPS, RESUME_MAY_CHANGE) if args.resume else (None, args)
