@@ -96,7 +96,7 @@ def check_output(path, flag, suffix):
     (so a checkpoint, a script or the README is never replaced by a slip of the hand), or in a folder
     that cannot be made."""
     p = Path(path)
-    refuse_folder(p, flag, "sweep" + suffix)
+    refuse_folder(p, flag, "out" + suffix)
     if p.suffix.lower() != suffix:
         raise EEminiError(f"{flag} {path}: give a file ending in {suffix}, the kind it writes (only such a file "
                           f"is ever replaced)")

@@ -220,7 +220,16 @@ def main(args):
     path = Path(args.readme)
     if not path.is_file():
         raise EEminiError(f"no file at {path}")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise EEminiError(f"{path} is not UTF-8 text; give --readme a Markdown file") from None
+    known = [b[0] for b in find_blocks(lines)]
+    if not known:
+        raise EEminiError(f"{path} quotes no output (no `<!-- output: NAME -->` line before a fenced block)")
+    unknown = [n for n in args.only if n not in known]
+    if unknown:
+        raise EEminiError(f"--only {','.join(unknown)}: no such block in {path}; its blocks: {', '.join(known)}")
     problems = cheap_checks(lines)
     for p in problems:
         print(f"problem: {p}")

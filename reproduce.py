@@ -102,7 +102,11 @@ def parse_args(argv=None):
         args.results = str(Path(args.out_dir) / "RESULTS.md") if q else "RESULTS.md"
     if not args.val_chars:
         p.error("--val-chars must be at least 1")
-    args.train_args, args.ec_args = shlex.split(args.train_args), shlex.split(args.ec_args)
+    for name in ("train_args", "ec_args"):
+        try:
+            setattr(args, name, shlex.split(getattr(args, name)))
+        except ValueError as e:  # an unclosed quote
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)!r}: {e}")
     return args
 
 
@@ -205,7 +209,6 @@ def aggregate(records):
 def run_all(args):
     """Every (experiment, seed), seed by seed, --jobs at a time; returns {name: [per-seed records]}."""
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = []
     curves = [(f"curve-{name}", script, what, spec) for name, script, what, spec in RUNS if name in CURVES]
     for k in range(args.seeds):
@@ -222,6 +225,11 @@ def run_all(args):
             if done and "finished" not in done:  # older side files: when they were written
                 done["finished"] = side.stat().st_mtime
             jobs.append((name, script, k, argv, side, done if done and done["argv"] == argv else None))
+    unfinished = [f"{name} seed {k}" for name, _, k, *_, done in jobs if done is None]
+    if args.remeasure and unfinished:
+        raise EEminiError(f"--remeasure measures finished runs again and trains nothing, but {len(unfinished)} of "
+                          f"{len(jobs)} runs in {out} have not finished ({unfinished[0]}, ...); run without "
+                          f"--remeasure first")
     todo, t0, times = [j for j in jobs if j[-1] is None or args.remeasure], time.time(), []
 
     def work(job):
@@ -532,6 +540,8 @@ def main(args):
     args.device = cli.pick_device(args.device, args.threads)
     for split in ("train", "valid"):  # a bad --data fails here, not in the first of many runs
         read_split(args.data, split)
+    ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end
+    ck.make_folder(Path(args.out_dir))
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
     records = run_all(args)

@@ -80,6 +80,8 @@ def parse_args(argv=None):
         p.error("--thresholds is empty; give at least one threshold in [0, 1]")
     args.thresholds = sorted(set(args.thresholds))
     args.confidence = list(dict.fromkeys(args.confidence))
+    if args.delta == 0:
+        p.error("--delta 0 asks for certainty, which no finite text gives (no threshold would pass); give e.g. 0.1")
     for m in args.confidence:
         if m.endswith(".pt"):  # --confidence takes every word after it
             p.error(f"--confidence {' '.join(args.confidence)}: {m} is a checkpoint, not a measure; give the "
@@ -92,6 +94,9 @@ def check_request(args, cfg, data):
     if args.stride >= cfg.block_size:
         raise ee.EEminiError(f"--stride {args.stride} is not below the model's context ({cfg.block_size}); "
                              f"0 reads windows side by side")
+    if args.calibrate and 0 < args.calibrate_chars <= cfg.block_size:
+        raise ee.EEminiError(f"--calibrate-chars {args.calibrate_chars} is shorter than one window of "
+                             f"{cfg.block_size + 1} characters; give more, or 0 for the whole splits")
     if args.calibrate and data and Path(data).is_file():
         raise ee.EEminiError(f"--calibrate chooses on the valid split and shows on test, and {data} is a single "
                              f"text file, with no test split: give --data a WikiText folder, or drop --calibrate")

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
+from data import read_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ["--gpt2"]
@@ -67,12 +68,13 @@ def train(flags, log, threads):
 
 
 def main(args):
+    read_split(args.data, "train")  # a bad --data fails here, not in the first run's log
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ck.make_folder(out)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     runs = [(f"{name}-{layers}", [*flags, *LAYERS[layers]]) for name, _, flags in variants for layers in LAYERS
             if not (layers == "1L" and name in ("qk", "recipe-qk"))]
-    common = ["--data", args.data, "--loss", "final", "--overwrite"]
+    common = ["--data", args.data, "--val-chars", str(args.val_chars), "--loss", "final", "--overwrite"]
     print(f"ablation: {len(runs)} runs of {args.max_iters} steps, {args.jobs} at a time | {cli.machine()}")
 
     def ppl_run(run):

@@ -18,6 +18,7 @@ import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import decode  # noqa: E402
 import measure  # noqa: E402
+from eemini import EEminiError  # noqa: E402
 from report import md  # noqa: E402
 
 
@@ -35,10 +36,14 @@ def parse_args(argv=None):
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
-    rows, source = [], None
-    for path in args.checkpoints:
+    models = {}
+    for path in args.checkpoints:  # every file checked before the first is measured
         ckpt = ck.load_checkpoint(path, device)
-        model, vocab = ck.model_from_checkpoint(ckpt, device)
+        models[path] = (ckpt, *ck.model_from_checkpoint(ckpt, device))
+        if not models[path][1].config.trained_exits:
+            raise EEminiError(f"{path} has no trained exit to draft with; train with --exit-layers and a loss on it")
+    rows, source = [], None
+    for path, (ckpt, model, vocab) in models.items():
         cfg = model.config
         ids, source = ck.eval_text(args, ckpt, vocab)
         stats = measure.token_stats(model, ids, args.eval_batch_size, device)

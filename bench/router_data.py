@@ -81,8 +81,9 @@ def main(args):
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
     cfg = model.config
-    if len(cfg.exits) != 1:
-        raise EEminiError(f"{args.checkpoint} has exits {cfg.exits}; this experiment takes a model with one exit")
+    if len(cfg.exits) != 1 or cfg.trained_exits != cfg.exits:
+        raise EEminiError(f"{args.checkpoint} has exits {cfg.exits}, trained {cfg.trained_exits}; this experiment "
+                          f"takes a model with one trained exit")
     trained = ckpt.get("args") or {}
     data = args.data if args.data is not None else trained.get("data", "")
     scored_chars = args.val_chars if args.val_chars is not None else trained.get("val_chars", 50_000)
@@ -99,6 +100,10 @@ def main(args):
     slices = [("train split, held out", held_out(data, trained.get("train_chars", 0), max(args.sizes), vocab))]
     valid = read_split(data, "valid")[0][args.skip : args.skip + max(args.sizes)]
     slices.append(("valid split, past --skip", vocab.encode(valid)))
+    longest = max(len(text) for _, text in slices)
+    if min(args.sizes) > longest:  # no sized row at all: say so rather than print the reference rows alone
+        raise EEminiError(f"--sizes {','.join(map(str, args.sizes))}: the longest slice here has {longest:,} "
+                          f"characters (held-out train text, and valid past --skip {args.skip:,}); give smaller sizes")
     rows = [["(every layer run) KL itself", "", *map(spread, zip(share(stats, cfg, -stats["kl"][k], oracle, full)))]]
     first = slices[0][1][: min(args.sizes)]  # none when the model trained on the whole train split
     if len(first) > cfg.block_size:

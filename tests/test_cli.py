@@ -105,6 +105,38 @@ def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
     assert msg == "error: --skip 500 would train routers on the scored valid text; give --skip at least --val-chars (1,000)"
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--val-chars", "0", "--device", "cpu"])
     assert msg.startswith("error: --val-chars 0 scores the whole valid split")
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--sizes", "10000000", "--device", "cpu"])
+    assert "the longest slice here has" in msg and "give smaller sizes" in msg
+
+
+def test_scripts_refuse_an_untrained_exit_and_bad_places_before_any_work(trained, tmp_path):
+    """A model whose exit no loss reached has nothing to draft or route with; an output that is a file
+    where a folder goes, or not the kind written, or a --remeasure with nothing finished, is refused
+    before anything is trained or written."""
+    import checkpoint as ck
+    from conftest import make_model
+    from data import Vocab
+
+    plain = tmp_path / "final.pt"
+    ck.save_checkpoint(plain, make_model(loss_weights={3: 1.0}), Vocab([chr(97 + i) for i in range(23)]), args={})
+    for script, match in (("bench/acceptance.py", "has no trained exit to draft with"),
+                          ("bench/router_data.py", "takes a model with one trained exit")):
+        module = load(script)
+        assert match in cli_error(module.main, module.parse_args, [str(plain), "--device", "cpu"])
+    (tmp_path / "a.txt").write_text("a file")
+    data = str(trained / "tiny.txt")
+    for script, argv, match in (
+            ("reproduce.py", ["--quick", "--out-dir", tmp_path / "a.txt"], "cannot make the folder"),
+            ("reproduce.py", ["--quick", "--out-dir", tmp_path / "r", "--results", plain], "give a file ending in .md"),
+            ("reproduce.py", ["--remeasure", "--out-dir", tmp_path / "r", "--results", tmp_path / "r.md"],
+             "have not finished"),
+            ("bench/ablation.py", ["--out-dir", tmp_path / "a.txt"], "cannot make the folder")):
+        module = load(script)
+        assert match in cli_error(module.main, module.parse_args, ["--data", data, *map(str, argv)])
+    assert plain.read_bytes()[:2] == b"PK" and not list(tmp_path.glob("r/*.pt"))  # nothing trained, nothing replaced
+    docs = load("docs.py")
+    assert "its blocks: quickstart" in cli_error(docs.main, docs.parse_args, ["--only", "nosuch"])
+    assert "quotes no output" in cli_error(docs.main, docs.parse_args, ["--readme", str(tmp_path / "a.txt")])
 
 
 def test_exit_classifier_runs(wiki_folder, tmp_path):

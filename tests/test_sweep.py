@@ -181,7 +181,8 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(ckpts,
                         (["--csv", str(tmp_path / "notes.md")], "give a file ending in .csv"),
                         (["--plot", str(tmp_path / "new.svg")], "give a file ending in .png"),
                         (["--json", str(tmp_path / "notes.md" / "s.json")], "cannot make the folder"),
-                        (["--calibrate", "1", "--data", str(text_file)], "single text file, with no test split")):
+                        (["--calibrate", "1", "--data", str(text_file)], "single text file, with no test split"),
+                        (["--calibrate", "1", "--calibrate-chars", "10"], "is shorter than one window")):
         assert match in cli_error(sweep.main, sweep.parse_args, [str(ckpt), *argv])
         assert "masked: one pass" not in capsys.readouterr().out  # refused before the evaluation
     msg = flag_error(sweep.parse_args, ["--confidence", "softmax", str(ckpt)], capsys)
@@ -199,6 +200,7 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(ckpts,
     (["--thresholds", ""], "--thresholds is empty"),
     (["--calibrate", "-1"], "argument --calibrate: -1 is outside"),
     (["--delta", "1"], "argument --delta: 1 is outside"),
+    (["--delta", "0"], "--delta 0 asks for certainty"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(sweep.parse_args, ["ckpt.pt", *argv], capsys)
