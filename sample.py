@@ -53,6 +53,8 @@ def parse_args(argv=None):
         p.error("--prompt is empty; give at least one character")
     if not args.threshold:
         p.error("--threshold is empty")
+    if args.draft_exit is not None and not args.speculative:
+        p.error("--draft-exit picks the exit that drafts for --speculative K; give --speculative too")
     return args
 
 

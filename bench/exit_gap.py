@@ -65,7 +65,7 @@ def attention_probe(model, ids, threshold, batch_size=64):
             x = torch.where(frozen.unsqueeze(-1), x, block(x))
             if layer == k:
                 frozen = ee.exit_mask(ee.conf_softmax(model.head(k, x)), threshold)
-    return (sums / max(1, count)).tolist()
+    return (sums / count).tolist() if count else [None] * 3  # no deep character at this threshold
 
 
 def main(args):
@@ -89,8 +89,10 @@ def main(args):
             cells.append(f"{masked:.3f} / {true:.3f} ({100 * (true / masked - 1):+.2f}%)")
         on_exited, on_previous, distance = attention_probe(model, ids.to(device), args.probe_threshold)
         layout = f"{cfg.pos}, {cfg.norm}, {cfg.mlp}, {trained.get('optimizer', 'adamw')}, exit dropout {cfg.exit_dropout:g}"
+        probe = [f"{100 * on_exited:.1f}%", f"{100 * on_previous:.1f}%", f"{distance:.1f}"] if distance is not None \
+            else ["—"] * 3  # every character exited: no deep query to look at
         rows.append(f"| {Path(path).name} | {layout} | {measure.ppl(stats['ce'][cfg.n_layer]):.3f} | {' | '.join(cells)} | "
-                    f"{100 * on_exited:.1f}% | {100 * on_previous:.1f}% | {distance:.1f} |")
+                    + " | ".join(probe) + " |")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "\n".join(rows))
     print(f"\nattention: deep characters' queries in the layers above the exit, true early exit at "
           f"{args.probe_threshold:g}, heads averaged")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import measure  # noqa: E402
+from eemini import EEminiError  # noqa: E402
 
 THRESHOLDS = [i / 10 for i in range(11)]
 
@@ -35,6 +36,8 @@ def main(args):
     device = cli.pick_device(args.device, args.threads)
     ckpt = ck.load_checkpoint(args.checkpoint, device)
     model, vocab = ck.model_from_checkpoint(ckpt, device)
+    if not model.config.trained_exits:  # as sweep.py: nothing to sweep
+        raise EEminiError(f"{args.checkpoint} has no trained exit, so there is no sweep to time")
     ids, _ = ck.eval_text(args, ckpt, vocab)
 
     def one_eval():

@@ -120,7 +120,8 @@ def test_scripts_refuse_an_untrained_exit_and_bad_places_before_any_work(trained
     plain = tmp_path / "final.pt"
     ck.save_checkpoint(plain, make_model(loss_weights={3: 1.0}), Vocab([chr(97 + i) for i in range(23)]), args={})
     for script, match in (("bench/acceptance.py", "has no trained exit to draft with"),
-                          ("bench/router_data.py", "takes a model with one trained exit")):
+                          ("bench/router_data.py", "takes a model with one trained exit"),
+                          ("bench/sweep_speed.py", "has no trained exit, so there is no sweep to time")):
         module = load(script)
         assert match in cli_error(module.main, module.parse_args, [str(plain), "--device", "cpu"])
     (tmp_path / "a.txt").write_text("a file")
@@ -200,3 +201,16 @@ def test_router_data_corrected_kl_recovers_a_known_line():
     got = module.corrected_kl({"kl": {1: s_kl}}, 1, (logits, h, h_prev, torch.ones(4000, dtype=torch.bool), gain, kl), (s_logits, s_h, s_prev), ridge=1e-9)
     want = s_kl + 0.3 - 0.5 * F.softmax(s_logits, -1).max(-1).values
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_exit_gap_attention_probe_at_either_end():
+    """The probe's shares, for the deep characters' queries above the exit: at threshold 1 nothing exits
+    (no attention on exited characters); at threshold 0 everything does, so there is no deep query
+    and nothing to average (None, printed as a dash), not a share of 0."""
+    from conftest import make_model
+
+    probe = load("bench/exit_gap.py").attention_probe
+    model, ids = make_model(), torch.randint(0, 23, (200,))
+    on_exited, on_previous, distance = probe(model, ids, 1.0, batch_size=4)
+    assert on_exited == 0.0 and 0 < on_previous < 1 and distance > 0
+    assert probe(model, ids, 0.0, batch_size=4) == [None, None, None]

@@ -95,3 +95,7 @@ def test_one_threshold_per_exit(tmp_path, capsys):
     assert "exited at layer 1: 0.0%, at layer 2: 100.0%" in capsys.readouterr().out
     msg = cli_error(sample.main, sample.parse_args, [str(out), "--threshold", "0.5,0.5,0.5"])
     assert "one for each of the exits [1, 2]" in msg
+
+
+def test_a_draft_exit_without_speculative_decoding_is_refused(capsys):
+    assert "give --speculative too" in flag_error(sample.parse_args, ["ckpt.pt", "--draft-exit", "2"], capsys)
