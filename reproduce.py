@@ -85,7 +85,8 @@ def parse_args(argv=None):
                    "more than one, each gets cores / jobs torch threads (unless --threads says otherwise)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, 1 seed, into runs/quick")
     p.add_argument("--remeasure", action="store_true", help="measure every finished train.py run again (after a "
-                   "change to what is measured), keeping the time its training took; nothing is retrained")
+                   "change to what is measured), keeping the time its training took; finished runs are not "
+                   "retrained (missing ones are trained), and an --out-dir with none of them is refused")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, per-run JSON (default runs/, --quick runs/quick)")
     p.add_argument("--results", default=None, help="RESULTS.md to write (default RESULTS.md; --quick in --out-dir); "
                    "results.csv and PNG plots go beside it")
@@ -225,11 +226,9 @@ def run_all(args):
             if done and "finished" not in done:  # older side files: when they were written
                 done["finished"] = side.stat().st_mtime
             jobs.append((name, script, k, argv, side, done if done and done["argv"] == argv else None))
-    unfinished = [f"{name} seed {k}" for name, _, k, *_, done in jobs if done is None]
-    if args.remeasure and unfinished:
-        raise EEminiError(f"--remeasure measures finished runs again and trains nothing, but {len(unfinished)} of "
-                          f"{len(jobs)} runs in {out} have not finished ({unfinished[0]}, ...); run without "
-                          f"--remeasure first")
+    if args.remeasure and all(done is None for *_, done in jobs):  # a wrong --out-dir, most likely
+        raise EEminiError(f"--remeasure measures finished runs again, and {out} holds none of these {len(jobs)} runs "
+                          f"(another --out-dir?); without --remeasure they are trained")
     todo, t0, times = [j for j in jobs if j[-1] is None or args.remeasure], time.time(), []
 
     def work(job):

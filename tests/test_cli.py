@@ -130,7 +130,7 @@ def test_scripts_refuse_an_untrained_exit_and_bad_places_before_any_work(trained
             ("reproduce.py", ["--quick", "--out-dir", tmp_path / "a.txt"], "cannot make the folder"),
             ("reproduce.py", ["--quick", "--out-dir", tmp_path / "r", "--results", plain], "give a file ending in .md"),
             ("reproduce.py", ["--remeasure", "--out-dir", tmp_path / "r", "--results", tmp_path / "r.md"],
-             "have not finished"),
+             "holds none of these"),
             ("bench/ablation.py", ["--out-dir", tmp_path / "a.txt"], "cannot make the folder")):
         module = load(script)
         assert match in cli_error(module.main, module.parse_args, ["--data", data, *map(str, argv)])
