@@ -104,6 +104,10 @@ def main(args):
     if not set(exits) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--draft-exits {','.join(map(str, exits))}: {args.checkpoint}'s trained exits are "
                              f"{cfg.trained_exits}; draft with those")
+    if max(args.draft_lengths) >= cfg.block_size - 1:
+        raise ee.EEminiError(f"--draft-lengths {','.join(map(str, args.draft_lengths))}: a draft must fit in the "
+                             f"model's context of {cfg.block_size} with its verify pass; give lengths below "
+                             f"{cfg.block_size - 1}")
     route = sorted(set(args.route_exits)) or cfg.trained_exits
     if not set(route) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--route-exits {','.join(map(str, route))}: {args.checkpoint}'s trained exits are "

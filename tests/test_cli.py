@@ -97,6 +97,8 @@ def test_generate_benchmark_drafts_and_routes_only_with_a_trained_exit(trained):
     assert msg.startswith("error: --draft-exits 2: ") and msg.endswith("trained exits are [1]; draft with those")
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--route-exits", "2", "--device", "cpu"])
     assert msg.startswith("error: --route-exits 2: ") and msg.endswith("trained exits are [1]; route through those")
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--draft-lengths", "2,15", "--device", "cpu"])
+    assert "a draft must fit in the model's context of 16" in msg
 
 
 def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
