@@ -20,7 +20,7 @@ from conftest import TINY_TRAIN, cli_error
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "sweep.py", "sample.py", "exit_classifier.py", "reproduce.py", "docs.py",
            "bench/train_step.py", "bench/sweep_speed.py", "bench/generate.py", "bench/ablation.py", "bench/exit_gap.py",
-           "bench/exit_layers.py", "bench/acceptance.py", "bench/router_data.py"]
+           "bench/exit_layers.py", "bench/acceptance.py", "bench/router_data.py", "bench/step_cost.py"]
 
 
 def run(script, *argv):
@@ -99,6 +99,30 @@ def test_generate_benchmark_drafts_and_routes_only_with_a_trained_exit(trained):
     assert msg.startswith("error: --route-exits 2: ") and msg.endswith("trained exits are [1]; route through those")
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--draft-lengths", "2,15", "--device", "cpu"])
     assert "a draft must fit in the model's context of 16" in msg
+
+
+def test_step_cost_benchmark_adds_up_its_steps(trained):
+    """bench/step_cost.py: a character that leaves at exit 1 of 3 is charged (layer + head) / (3 layers + head)
+    of a full step's FLOPs, its K/V in the two layers above 2 K/V projections; the exit rates add the steps
+    up as hand arithmetic does; an untrained exit and a context with no room are refused."""
+    import measure
+
+    module = load("bench/step_cost.py")
+    cost = dict(zip(module.KINDS, (10.0, 2.0, 11.0, 12.5)))
+    assert module.predict(cost, 1.0, 0.5) == (0.5 * (2 + 1) + 0.5 * 11) / 10
+    assert module.predict(cost, 1.0, 0.0) == 1.1 and module.layer_count(0.5, 6, 1) == 6 / 3.5
+    code, out, err = run("bench/step_cost.py", trained / "ckpt.pt", "--steps", "3", "--exit-rates", "0,0.5")
+    assert code == 0, err
+    rows = {r[0]: r[1:] for r in (line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| "))}
+    layer, head, kv = measure.flops_per_token(module.ck.model_from_checkpoint(module.ck.load_checkpoint(trained / "ckpt.pt"))[0].config, 8)
+    assert rows["full depth"][1:] == ["1.000", "1.000"]
+    assert rows["leaves at the exit"][2] == f"{(layer + head) / (3 * layer + head):.3f}"
+    assert rows["+ K/V of one exited character in layers 2-3 (the last two rows' difference)"][2] == f"{2 * kv / (3 * layer + head):.3f}"
+    assert rows["0%"][0] == "1.00x" and rows["0%"][1].startswith(f"{(3 * layer + head) / (3 * layer + 2 * head):.2f}x")
+    assert rows["50%"][0] == f"{3 / 2:.2f}x"
+    for argv, match in ((["--exit", "2"], "trained exits are [1], not 2; give one of those with --exit"),
+                        (["--context", "15"], "--context 15: the steps need room in the model's context of 16")):
+        assert match in cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), *argv, "--device", "cpu"])
 
 
 def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
