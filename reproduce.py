@@ -108,7 +108,19 @@ def parse_args(argv=None):
             setattr(args, name, shlex.split(getattr(args, name)))
         except ValueError as e:  # an unclosed quote
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)!r}: {e}")
+    window = max(flag_value(args.train_args, "--block-size", 128), flag_value(args.ec_args, "--seq-len", 32)) + 1
+    if args.val_chars <= window:  # found now, not in the first run's log
+        p.error(f"--val-chars {args.val_chars}: the runs evaluate windows of {window} characters; give at least {window + 1}")
     return args
+
+
+def flag_value(argv, flag, default):
+    """The integer a script's argv gives a flag (`--flag N` or `--flag=N`), else its default."""
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == flag and i + 1 < len(argv) else a.partition("=")[2] if a.startswith(flag + "=") else None
+        if value is not None and value.isdigit():
+            return int(value)
+    return default
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,3 +123,16 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
     (out / "std1L-seed0.json").write_text(json.dumps({**side, "finished": None}))  # when it ran: not recorded
     reproduce.main(reproduce.parse_args(argv))
     assert "counting each one alone (when each ran is not recorded)." in (out / "RESULTS.md").read_text()
+
+
+def test_too_little_validation_text_for_a_window_is_refused_before_any_run(capsys):
+    """The runs' windows are --train-args' --block-size + 1 characters (128 + 1 unless given): fewer
+    --val-chars would fail in the first run's log, so parse_args refuses them in one line."""
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--quick", "--val-chars", "129"])
+    assert "--val-chars 129: the runs evaluate windows of 129 characters; give at least 130" in capsys.readouterr().err
+    assert reproduce.parse_args(["--quick", "--val-chars", "130"]).val_chars == 130
+    args = reproduce.parse_args(["--quick", "--val-chars", "20", "--train-args=--block-size=16", "--ec-args", "--seq-len 8"])
+    assert args.train_args == ["--block-size=16"] and reproduce.flag_value(args.ec_args, "--seq-len", 32) == 8
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--quick", "--val-chars", "17", "--train-args", "--block-size 16"])
