@@ -108,19 +108,24 @@ def parse_args(argv=None):
             setattr(args, name, shlex.split(getattr(args, name)))
         except ValueError as e:  # an unclosed quote
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)!r}: {e}")
-    window = max(flag_value(args.train_args, "--block-size", 128), flag_value(args.ec_args, "--seq-len", 32)) + 1
-    if args.val_chars <= window:  # found now, not in the first run's log
-        p.error(f"--val-chars {args.val_chars}: the runs evaluate windows of {window} characters; give at least {window + 1}")
+    need = max(flag_value(args.train_args, "--block-size", 128) + 2, flag_value(args.ec_args, "--seq-len", 32) + 1)
+    if args.val_chars < need:  # train.py evaluates windows of block_size + 1 and wants more; found now, not in a run's log
+        p.error(f"--val-chars {args.val_chars} is too short for the runs' evaluation windows; give at least {need}")
     return args
 
 
 def flag_value(argv, flag, default):
-    """The integer a script's argv gives a flag (`--flag N` or `--flag=N`), else its default."""
+    """The integer a script's argv gives a flag (`--flag N` or `--flag=N`; the last one counts, as in
+    argparse), else its default; a value that is no integer is left for the script to refuse."""
+    value = default
     for i, a in enumerate(argv):
-        value = argv[i + 1] if a == flag and i + 1 < len(argv) else a.partition("=")[2] if a.startswith(flag + "=") else None
-        if value is not None and value.isdigit():
-            return int(value)
-    return default
+        given = argv[i + 1] if a == flag and i + 1 < len(argv) else a.partition("=")[2] if a.startswith(flag + "=") else None
+        if given is not None:
+            try:
+                value = int(given)
+            except ValueError:
+                pass
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

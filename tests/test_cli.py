@@ -102,26 +102,33 @@ def test_generate_benchmark_drafts_and_routes_only_with_a_trained_exit(trained):
 
 
 def test_step_cost_benchmark_adds_up_its_steps(trained):
-    """bench/step_cost.py: a character that leaves at exit 1 of 3 is charged (layer + head) / (3 layers + head)
-    of a full step's FLOPs, its K/V in the two layers above 2 K/V projections; the exit rates add the steps
-    up as hand arithmetic does; an untrained exit and a context with no room are refused."""
+    """bench/step_cost.py: its FLOPs add up as measure.flops_percent counts a routing (an exited character
+    followed by a deep one, of a 3-layer model with exit 1, is half its characters leaving); a character
+    that leaves at exit 1 of 3 is charged (layer + head) / (3 layers + head) of a full step; the exit rates
+    add the steps up as hand arithmetic does; an untrained exit and a context with no room are refused."""
     import measure
+    from conftest import make_model
 
     module = load("bench/step_cost.py")
     cost = dict(zip(module.KINDS, (10.0, 2.0, 11.0, 12.5)))
     assert module.predict(cost, 1.0, 0.5) == (0.5 * (2 + 1) + 0.5 * 11) / 10
     assert module.predict(cost, 1.0, 0.0) == 1.1 and module.layer_count(0.5, 6, 1) == 6 / 3.5
+    cfg = make_model(n_layer=6, exits=[2]).config
+    flops, kv = module.step_flops(cfg, 2, 8)
+    for depth, rate in (([2, 6], 0.5), ([2, 2, 6, 6], 0.5), ([2, 6, 6, 6], 0.25), ([6, 6], 0.0)):
+        want = measure.flops_percent(torch.tensor([depth]), cfg, context=8, checked=[2]) / 100
+        assert abs(module.predict(flops, kv, rate) - want) < 1e-12, depth
     code, out, err = run("bench/step_cost.py", trained / "ckpt.pt", "--steps", "3", "--exit-rates", "0,0.5")
     assert code == 0, err
     rows = {r[0]: r[1:] for r in (line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| "))}
-    layer, head, kv = measure.flops_per_token(module.ck.model_from_checkpoint(module.ck.load_checkpoint(trained / "ckpt.pt"))[0].config, 8)
+    tiny = module.ck.model_from_checkpoint(module.ck.load_checkpoint(trained / "ckpt.pt"))[0].config
+    layer, head, kv = measure.flops_per_token(tiny, 8)
     assert rows["full depth"][1:] == ["1.000", "1.000"]
     assert rows["leaves at the exit"][2] == f"{(layer + head) / (3 * layer + head):.3f}"
-    assert rows["+ K/V of one exited character in layers 2-3 (the last two rows' difference)"][2] == f"{2 * kv / (3 * layer + head):.3f}"
+    assert rows["K/V of one exited character in layers 2-3 (row 4 - row 3)"][2] == f"{2 * kv / (3 * layer + head):.3f}"
     assert rows["0%"][0] == "1.00x" and rows["0%"][1].startswith(f"{(3 * layer + head) / (3 * layer + 2 * head):.2f}x")
     assert rows["50%"][0] == f"{3 / 2:.2f}x"
-    for argv, match in ((["--exit", "2"], "trained exits are [1], not 2; give one of those with --exit"),
-                        (["--context", "15"], "--context 15: the steps need room in the model's context of 16")):
+    for argv, match in ((["--exit", "2"], "--exit 2: "), (["--context", "15"], "--context 15: the steps need room")):
         assert match in cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), *argv, "--device", "cpu"])
 
 

@@ -126,13 +126,20 @@ def test_quick_run_writes_every_seed_table_then_resumes(wiki_folder, tmp_path, c
 
 
 def test_too_little_validation_text_for_a_window_is_refused_before_any_run(capsys):
-    """The runs' windows are --train-args' --block-size + 1 characters (128 + 1 unless given): fewer
-    --val-chars would fail in the first run's log, so parse_args refuses them in one line."""
+    """train.py wants more than a window of --block-size + 1 characters (128 + 1 unless --train-args gives
+    it), exit_classifier.py one of --seq-len + 1: fewer --val-chars would fail in the first run's log,
+    so parse_args refuses them in one line. The last --block-size given counts, as in argparse."""
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--quick", "--val-chars", "129"])
-    assert "--val-chars 129: the runs evaluate windows of 129 characters; give at least 130" in capsys.readouterr().err
+    assert "--val-chars 129 is too short for the runs' evaluation windows; give at least 130" in capsys.readouterr().err
     assert reproduce.parse_args(["--quick", "--val-chars", "130"]).val_chars == 130
-    args = reproduce.parse_args(["--quick", "--val-chars", "20", "--train-args=--block-size=16", "--ec-args", "--seq-len 8"])
+    args = reproduce.parse_args(["--quick", "--val-chars", "18", "--train-args=--block-size=16", "--ec-args", "--seq-len 8"])
     assert args.train_args == ["--block-size=16"] and reproduce.flag_value(args.ec_args, "--seq-len", 32) == 8
-    with pytest.raises(SystemExit):
-        reproduce.parse_args(["--quick", "--val-chars", "17", "--train-args", "--block-size 16"])
+    assert reproduce.flag_value(["--block-size", "16", "--block-size", "256"], "--block-size", 128) == 256
+    assert reproduce.flag_value(["--block-size", "x"], "--block-size", 128) == 128
+    for argv in (["--val-chars", "17", "--train-args", "--block-size 16"],
+                 ["--val-chars", "100", "--train-args", "--block-size 16 --block-size 256"],
+                 ["--val-chars", "20", "--train-args", "--block-size 8", "--ec-args", "--seq-len 20"]):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(["--quick", *argv])
+    assert reproduce.parse_args(["--quick", "--val-chars", "21", "--train-args", "--block-size 8", "--ec-args", "--seq-len 20"])

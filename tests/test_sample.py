@@ -81,10 +81,8 @@ def test_speculative_gives_the_full_models_greedy_text(ckpts, capsys):
     sample.main(sample.parse_args([*argv, "--speculative", "3"]))
     printed = capsys.readouterr().out
     assert printed.split("-" * 60)[0] == full and "accepted" in printed and "characters a full-model pass" in printed
-    sample.main(sample.parse_args([*argv, "--speculative", "14"]))  # the longest draft a context of 16 holds
+    sample.main(sample.parse_args([*argv, "--speculative", "40"]))  # drafts longer than the context of 16: cut to fit
     assert capsys.readouterr().out.split("-" * 60)[0] == full
-    msg = cli_error(sample.main, sample.parse_args, [*argv, "--speculative", "15"])
-    assert msg == "error: --speculative 15: a draft and its verify pass must fit in the model's context of 16; give at most 14"
 
 
 def test_one_threshold_per_exit(tmp_path, capsys):
