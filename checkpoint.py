@@ -203,6 +203,15 @@ def model_from_checkpoint(ckpt, device="cpu"):
     return model.to(device).eval(), Vocab(ckpt["vocab"])
 
 
+def load_with_exit(path, device="cpu", purpose="to benchmark"):
+    """(ckpt, model, vocab) of a checkpoint whose model has a trained exit; one line refuses any other."""
+    ckpt = load_checkpoint(path, device)
+    model, vocab = model_from_checkpoint(ckpt, device)
+    if not model.config.trained_exits:
+        raise EEminiError(f"{path} has no trained exit {purpose}")
+    return ckpt, model, vocab
+
+
 def eval_text(args, ckpt, vocab):
     """The text a script evaluates a checkpoint on: --data and --val-chars where given, else what the
     checkpoint was trained with; --split. Returns (ids, source) as data.eval_ids does."""

@@ -95,11 +95,8 @@ def layer_cost(model, prompt, widths, device, calls=100):
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
-    ckpt = ck.load_checkpoint(args.checkpoint, device)
-    model, vocab = ck.model_from_checkpoint(ckpt, device)
+    ckpt, model, vocab = ck.load_with_exit(args.checkpoint, device)
     cfg = model.config
-    if not cfg.trained_exits:
-        raise ee.EEminiError(f"{args.checkpoint} has no trained exit to benchmark")
     exits = args.draft_exits or cfg.trained_exits
     if not set(exits) <= set(cfg.trained_exits):
         raise ee.EEminiError(f"--draft-exits {','.join(map(str, exits))}: {args.checkpoint}'s trained exits are "

@@ -108,11 +108,8 @@ def step_times(model, prompt, e, steps, device):
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
-    ckpt = ck.load_checkpoint(args.checkpoint, device)
-    model, vocab = ck.model_from_checkpoint(ckpt, device)
+    ckpt, model, vocab = ck.load_with_exit(args.checkpoint, device)
     cfg = model.config
-    if not cfg.trained_exits:
-        raise ee.EEminiError(f"{args.checkpoint} has no trained exit to benchmark")
     e = args.exit if args.exit is not None else cfg.trained_exits[0]
     if e not in cfg.trained_exits:
         raise ee.EEminiError(f"--exit {e}: {args.checkpoint}'s trained exits are {cfg.trained_exits}; give one of those")

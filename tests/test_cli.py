@@ -154,7 +154,9 @@ def test_scripts_refuse_an_untrained_exit_and_bad_places_before_any_work(trained
     ck.save_checkpoint(plain, make_model(loss_weights={3: 1.0}), Vocab([chr(97 + i) for i in range(23)]), args={})
     for script, match in (("bench/acceptance.py", "has no trained exit to draft with"),
                           ("bench/router_data.py", "takes a model with one trained exit"),
-                          ("bench/sweep_speed.py", "has no trained exit, so there is no sweep to time")):
+                          ("bench/sweep_speed.py", "has no trained exit, so there is no sweep to time"),
+                          ("bench/generate.py", "has no trained exit to benchmark"),
+                          ("bench/step_cost.py", "has no trained exit to benchmark")):
         module = load(script)
         assert match in cli_error(module.main, module.parse_args, [str(plain), "--device", "cpu"])
     (tmp_path / "a.txt").write_text("a file")
