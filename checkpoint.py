@@ -203,12 +203,13 @@ def model_from_checkpoint(ckpt, device="cpu"):
     return model.to(device).eval(), Vocab(ckpt["vocab"])
 
 
-def load_with_exit(path, device="cpu", purpose="to benchmark"):
-    """(ckpt, model, vocab) of a checkpoint whose model has a trained exit; one line refuses any other."""
+def load_with_exit(path, device="cpu", why=" to benchmark"):
+    """(ckpt, model, vocab) of a checkpoint whose model has a trained exit; one line refuses any other
+    ("<path> has no trained exit" + why)."""
     ckpt = load_checkpoint(path, device)
     model, vocab = model_from_checkpoint(ckpt, device)
     if not model.config.trained_exits:
-        raise EEminiError(f"{path} has no trained exit {purpose}")
+        raise EEminiError(f"{path} has no trained exit{why}")
     return ckpt, model, vocab
 
 

@@ -18,7 +18,6 @@ import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import decode  # noqa: E402
 import measure  # noqa: E402
-from eemini import EEminiError  # noqa: E402
 from report import md  # noqa: E402
 
 
@@ -38,10 +37,7 @@ def main(args):
     device = cli.pick_device(args.device, args.threads)
     models = {}
     for path in args.checkpoints:  # every file checked before the first is measured
-        ckpt = ck.load_checkpoint(path, device)
-        models[path] = (ckpt, *ck.model_from_checkpoint(ckpt, device))
-        if not models[path][1].config.trained_exits:
-            raise EEminiError(f"{path} has no trained exit to draft with; train with --exit-layers and a loss on it")
+        models[path] = ck.load_with_exit(path, device, " to draft with; train with --exit-layers and a loss on it")
     rows, source = [], None
     for path, (ckpt, model, vocab) in models.items():
         cfg = model.config

@@ -75,11 +75,8 @@ def main(args):
               "attention on exited", "on the previous character", "mean distance"]
     rows = []  # printed together at the end, after each checkpoint's data line
     for path in args.checkpoints:
-        ckpt = ck.load_checkpoint(path, device)
-        model, vocab = ck.model_from_checkpoint(ckpt, device)
+        ckpt, model, vocab = ck.load_with_exit(path, device, why="")
         cfg, trained = model.config, ckpt.get("args") or {}
-        if not cfg.trained_exits:
-            raise ee.EEminiError(f"{path} has no trained exit")
         ids, _ = ck.eval_text(args, ckpt, vocab)
         stats = measure.token_stats(model, ids, 64, device)
         cells = []

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
 import cli  # noqa: E402
 import measure  # noqa: E402
-from eemini import EEminiError  # noqa: E402
 
 THRESHOLDS = [i / 10 for i in range(11)]
 
@@ -34,10 +33,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = cli.pick_device(args.device, args.threads)
-    ckpt = ck.load_checkpoint(args.checkpoint, device)
-    model, vocab = ck.model_from_checkpoint(ckpt, device)
-    if not model.config.trained_exits:  # as sweep.py: nothing to sweep
-        raise EEminiError(f"{args.checkpoint} has no trained exit, so there is no sweep to time")
+    ckpt, model, vocab = ck.load_with_exit(args.checkpoint, device, ", so there is no sweep to time")  # as sweep.py
     ids, _ = ck.eval_text(args, ckpt, vocab)
 
     def one_eval():
