@@ -21,6 +21,7 @@ figures are exact only on the machine and thread count they were made with; the 
 import contextlib
 import importlib.util
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -145,7 +146,7 @@ def run_command(command, cwd, keep=False):
             (cwd / a).symlink_to(here)
             args.append(a)
         else:
-            args.append(str(here))
+            args.append(os.path.normpath(here))  # ../shared, not /work/main/../shared, in what it prints
     argv = [sys.executable, str(ROOT / argv[1]), *args]
     r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     if r.returncode:

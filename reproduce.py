@@ -557,9 +557,9 @@ def main(args):
     for split in ("train", "valid"):  # a bad --data fails here, not in the first of many runs
         read_split(args.data, split)
     ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end
-    ck.make_folder(Path(args.out_dir))
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
+    ck.make_folder(Path(args.out_dir))
     records = run_all(args)
     text, table = report(records, args)
     ck.write_text(args.results, text)

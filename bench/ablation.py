@@ -70,12 +70,12 @@ def train(flags, log, threads):
 def main(args):
     read_split(args.data, "train")  # a bad --data fails here, not in the first run's log
     out = Path(args.out_dir)
-    ck.make_folder(out)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     runs = [(f"{name}-{layers}", [*flags, *LAYERS[layers]]) for name, _, flags in variants for layers in LAYERS
             if not (layers == "1L" and name in ("qk", "recipe-qk"))]
     common = ["--data", args.data, "--val-chars", str(args.val_chars), "--loss", "final", "--overwrite"]
     print(f"ablation: {len(runs)} runs of {args.max_iters} steps, {args.jobs} at a time | {cli.machine()}")
+    ck.make_folder(out)
 
     def ppl_run(run):
         name, flags = run

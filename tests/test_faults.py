@@ -137,6 +137,15 @@ def test_out_that_is_a_folder_is_refused_before_training(data, tmp_path, capsys)
     assert "is a folder" in msg and "step " not in capsys.readouterr().out
 
 
+def test_out_into_a_new_folder_makes_it_and_says_so(data, tmp_path, capsys):
+    out = tmp_path / "runs" / "a" / "c.pt"
+    train.main(train.parse_args(["--data", str(data), "--out", str(out), *TINY_TRAIN]))
+    printed = capsys.readouterr().out
+    assert out.is_file() and printed.count(f"made the folder {out.parent}") == 1
+    ck.make_folder(out.parent)  # there now: nothing more to say
+    assert "made the folder" not in capsys.readouterr().out
+
+
 @pytest.fixture
 def damaged(data, tmp_path):
     """A good checkpoint, and copies of it damaged in the ways users met."""
