@@ -170,6 +170,13 @@ def machine(device="cpu"):
             f"torch {torch.__version__}")
 
 
+def width(cfg):
+    """'n_embd 256' for a model's header line, and its K/V heads where grouped-query attention shares them."""
+    kv = cfg.n_kv_head
+    shared = kv and kv != cfg.n_head
+    return f"n_embd {cfg.n_embd}" + (f", {kv} K/V head{'s' * (kv > 1)} for {cfg.n_head} query heads" if shared else "")
+
+
 def fmt_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 

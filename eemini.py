@@ -38,6 +38,7 @@ class GPTConfig:
     block_size: int = 128  # context length in characters
     n_layer: int = 3
     n_head: int = 4
+    n_kv_head: int = 0  # heads of keys and values, each shared by n_head / n_kv_head query heads; 0 = n_head
     n_embd: int = 64
     ffn_dim: int = 0  # MLP hidden width; 0 means 4 * n_embd
     dropout: float = 0.0
@@ -64,6 +65,8 @@ class GPTConfig:
             raise EEminiError(f"layer dropout {self.layer_dropout} must lie in [0, 1)")
         if self.n_embd % self.n_head:
             raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
+            raise EEminiError(f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}")
         for name, allowed in (("pos", ROPE), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
                 raise EEminiError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -131,7 +134,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.block_size, self.dropout = cfg.n_head, cfg.block_size, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        # grouped-query attention · Ainslie et al. 2023, arXiv:2305.13245: fewer K/V heads, so the K/V
+        # an exited token still owes the deep layers costs less (n_kv_head 1 is multi-query attention)
+        self.hs, n_kv = cfg.n_embd // cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.kv, self.gqa = n_kv * self.hs, n_kv != cfg.n_head  # width of the keys (and of the values)
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.qk_norm = cfg.qk_norm  # QK-norm · Henry et al. 2020, arXiv:2010.04245; nanochat
@@ -140,14 +147,14 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("turns", rotary_tables(cfg), persistent=False)
 
     def heads(self, t, pos=None):  # (B, T, C) -> (B, nh, T, hs); queries and keys get their positions
-        t = t.view(t.size(0), t.size(1), self.n_head, -1).transpose(1, 2)
+        t = t.view(t.size(0), t.size(1), -1, self.hs).transpose(1, 2)
         if pos is None:  # values
             return t
         if self.qk_norm:
             t = F.rms_norm(t, (t.size(-1),))
         return rotate(t, pos, self.turns) if self.rope else t
 
-    def project(self, x, part):  # part: slice of c_attn's output rows (queries 0:C, keys+values C:3C)
+    def project(self, x, part):  # part: slice of c_attn's output rows (queries 0:C, keys+values C:)
         b = self.c_attn.bias
         return F.linear(x, self.c_attn.weight[part], None if b is None else b[part])
 
@@ -155,7 +162,7 @@ class CausalSelfAttention(nn.Module):
         """K/V of every new token (an exited one too: later tokens attend to it), appended to the
         cache; returns all keys and values so far, (B, nh, S, hs) each."""
         C, start = x.size(-1), cache.length if cache is not None else 0
-        k, v = self.project(x, slice(C, None)).split(C, dim=2)
+        k, v = self.project(x, slice(C, None)).split(self.kv, dim=2)
         k, v = self.heads(k, positions(start, x.size(1), x.device)), self.heads(v)
         return cache.append(k, v, self.block_size) if cache is not None else (k, v)
 
@@ -170,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         ragged = not isinstance(start, int)  # rows at different lengths: (B,) starts
         if q_idx is None:
             pos = positions(start, x.size(1), x.device)
-            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = self.c_attn(x).split([C, self.kv, self.kv], dim=2)
             q, k, v = self.heads(q, pos), self.heads(k, pos), self.heads(v)
             if prefix:
                 q, start = q[:, :, prefix:], start + prefix
@@ -193,9 +200,9 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, mask, C):  # mask: "causal", None (see all keys) or a bool mask
         drop = self.dropout if self.training else 0.0
         if isinstance(mask, str):
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
         return y.transpose(1, 2).reshape(q.size(0), -1, C)  # (B, T, C)
 
 

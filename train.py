@@ -51,6 +51,8 @@ def parse_args(argv=None):
     g.add_argument("--n-layer", type=cli.number(int, 1), default=3, help="transformer layers")
     g.add_argument("--n-embd", type=cli.number(int, 1), default=64, help="width of the residual stream")
     g.add_argument("--n-head", type=cli.number(int, 1), default=4, help="attention heads")
+    g.add_argument("--n-kv-head", type=cli.number(int, 0), default=0, help="key/value heads, each shared by "
+                   "n-head / n-kv-head query heads (grouped-query attention; 1 = multi-query); 0 = n-head")
     g.add_argument("--ffn-dim", type=cli.number(int, 0), default=0, help="MLP hidden width (0 = 4 * n-embd)")
     g.add_argument("--block-size", type=cli.number(int, 1), default=128, help="context length in characters")
     g.add_argument("--dropout", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0, help="dropout rate")
@@ -137,6 +139,8 @@ def check_args(p, args):
         p.error(f"--loss {args.loss} supervises an exit head: give --exit-layers 1 or more")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.n_kv_head and args.n_head % args.n_kv_head:
+        p.error(f"--n-kv-head {args.n_kv_head} does not divide --n-head {args.n_head}")
     if args.layer_weights and len(args.layer_weights) != args.n_layer:
         p.error(f"--layer-weights has {len(args.layer_weights)} entries; --n-layer is {args.n_layer}")
     if args.layer_weights and not sum(args.layer_weights) > 0:
@@ -204,7 +208,8 @@ def build_model(args, vocab):
                              f"but this run trains {', '.join(f'L{k}' for k in weights)}: give --exit-layers and a loss "
                              "that weighs both (e.g. --layer-weights with a weight on the last layer)")
     return ee.GPT(ee.GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
-                               n_head=args.n_head, n_embd=args.n_embd, ffn_dim=args.ffn_dim, dropout=args.dropout,
+                               n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                               ffn_dim=args.ffn_dim, dropout=args.dropout,
                                exits=args.exit_layers, loss_weights=weights, pos=args.pos, norm=args.norm,
                                mlp=args.mlp, qk_norm=args.qk_norm, exit_dropout=args.exit_dropout,
                                layer_dropout=args.layer_dropout))

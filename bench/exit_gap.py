@@ -52,9 +52,10 @@ def attention_probe(model, ids, threshold, batch_size=64):
         for layer, block in enumerate(model.transformer.h, 1):
             if layer > k:
                 attn, h = block.attn, block.ln_1(x)
-                q, kk, _ = attn.c_attn(h).split(cfg.n_embd, dim=2)
+                q, kk, _ = attn.c_attn(h).split([cfg.n_embd, attn.kv, attn.kv], dim=2)
                 pos = torch.arange(T)
                 q, kk = attn.heads(q, pos), attn.heads(kk, pos)
+                kk = kk.repeat_interleave(q.size(1) // kk.size(1), dim=1)  # a K/V head for each query head
                 w = F.softmax((q @ kk.transpose(-1, -2) / q.size(-1) ** 0.5).masked_fill(~causal, float("-inf")), -1)
                 w = w.mean(1).double()  # (B, T, T) averaged over heads
                 deep = ~frozen

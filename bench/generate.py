@@ -116,7 +116,7 @@ def main(args):
     full = measure.ppl(stats["ce"][cfg.n_layer])
     print(f"device {device} | {cli.machine(device)}")
     where = "" if route == cfg.exits else f" at exit{'s' if len(route) > 1 else ''} {','.join(map(str, route))}"
-    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, n_embd {cfg.n_embd} | threshold {tau}{where} | "
+    print(f"{args.checkpoint}: {cfg.n_layer} layers, exits {cfg.exits}, {cli.width(cfg)} | threshold {tau}{where} | "
           f"{args.new_tokens} new characters a run, greedy | median of {args.rounds} interleaved rounds")
     print("\n| batch | method | tok/s | speedup | exited / accepted | layer-count speedup | PPL cost |")
     print("|---|---|---|---|---|---|---|")

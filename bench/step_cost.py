@@ -126,7 +126,7 @@ def main(args):
     flops, kv_flops = step_flops(cfg, e, context)
     L, kv_secs = cfg.n_layer, secs[AFTER] - secs[DEEP]
     print(f"device {device} | {cli.machine(device)}")
-    print(f"{args.checkpoint}: {L} layers, exit {e} of {cfg.exits}, n_embd {cfg.n_embd} | batch 1, {context} characters "
+    print(f"{args.checkpoint}: {L} layers, exit {e} of {cfg.exits}, {cli.width(cfg)} | batch 1, {context} characters "
           f"cached | median of {args.steps} interleaved steps of each kind\n")
     def row(name, t, f):
         return [name, f"{1e3 * t:.3f} ms", f"{t / secs[FULL]:.3f}", f"{f / flops[FULL]:.3f}"]

@@ -421,6 +421,19 @@ def test_compute_percent_formula():
     assert measure.compute_percent(depth, L) == pytest.approx(100 * (0.3 * k / L + 0.7))
 
 
+def test_flops_per_token_by_hand():
+    """Multiply-adds of one token, twice: a layer's q, k, v and output projections, its attention over
+    the context, its MLP; the head; the K/V an exited token owes a layer. Grouped-query attention
+    (one K/V head for two query heads here) halves the keys' and values' width, so that K/V."""
+    C, ctx = 32, 4
+    mha = ee.GPTConfig(vocab_size=100, block_size=8, n_layer=3, n_embd=C, n_head=2, exits=[1])
+    mlp, scores = 2 * C * 4 * C, 2 * ctx * C
+    assert measure.flops_per_token(mha, ctx) == (2 * (4 * C * C + scores + mlp), 2 * C * 100, 2 * 2 * C * C)
+    mqa = ee.GPTConfig(vocab_size=100, block_size=8, n_layer=3, n_embd=C, n_head=2, n_kv_head=1, exits=[1])
+    assert measure.flops_per_token(mqa, ctx) == (2 * (3 * C * C + scores + mlp), 2 * C * 100, 2 * C * C)
+    assert sum(p.numel() for n, p in ee.GPT(mqa).named_parameters() if "c_attn" in n) == 3 * 2 * C * C  # q: C rows, k and v: C / 2 each
+
+
 def test_kv_layers_counts_only_what_later_tokens_need():
     # L = 4, one window: token 0 exits at 1 and token 2 reaches 3 -> token 0 computes K/V in 2, 3;
     # token 1 exits at 2, token 2 reaches 3 -> K/V in 3; token 3 exits at 1, token 4 runs layer 2 ->
@@ -453,14 +466,15 @@ def test_flops_percent_counts_heads_and_the_kv_that_is_computed():
 # the recipe's parts: every layout keeps true exit and cached decoding exact
 
 LAYOUTS = {"gpt2": dict(pos="learned", norm="layer", mlp="gelu"), "recipe": {},
-           "swiglu+qk-norm": dict(mlp="swiglu", qk_norm=True)}
+           "swiglu+qk-norm": dict(mlp="swiglu", qk_norm=True), "gqa": dict(n_head=4, n_kv_head=2),
+           "mqa+qk-norm": dict(n_head=4, n_kv_head=1, qk_norm=True)}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_layout_keeps_true_exit_and_cached_decoding_exact(layout):
     model = make_model(n_layer=4, exits=[1, 2], **LAYOUTS[layout])
     x = torch.randint(0, 23, (2, 16))
-    thr = mid_threshold(model, x)
+    thr = mid_threshold(model, x) + 1e-4  # the median is a token's own confidence: off it, no rounding flips it
     logits, depth, _ = model.forward_exit(x, thr)
     want, want_depth = reference_exit(model, x, thr)
     assert torch.equal(depth, want_depth) and torch.allclose(logits, want, atol=1e-5)
@@ -468,6 +482,26 @@ def test_every_layout_keeps_true_exit_and_cached_decoding_exact(layout):
     steps = [model.forward_exit(x[:, t : t + 1], thr, cache=cache) for t in range(16)]
     assert torch.allclose(torch.cat([s[0] for s in steps], 1), logits, atol=1e-5)
     assert ("wpe" in model.transformer) == (layout == "gpt2")
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_attention_is_attention_with_shared_key_value_heads(n_kv_head):
+    """A model with n_kv_head K/V heads computes what the plain model does when each K/V head's weights
+    are copied to the n_head / n_kv_head query heads that share it; and it has fewer weights."""
+    gqa = make_model(n_layer=4, exits=[1, 2], n_head=4, n_kv_head=n_kv_head, qk_norm=True)
+    mha = make_model(n_layer=4, exits=[1, 2], n_head=4, qk_norm=True)
+    C, kv = 16, 4 * n_kv_head
+    state = gqa.state_dict()
+    for name, w in state.items():
+        if name.endswith("c_attn.weight"):  # rows: queries (C), keys (kv), values (kv); heads of 4 rows
+            q, k, v = w.split([C, kv, kv])
+            k, v = (t.view(n_kv_head, 4, C).repeat_interleave(4 // n_kv_head, 0).reshape(C, C) for t in (k, v))
+            state[name] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    x = torch.randint(0, 23, (2, 16))
+    want = mha.forward_all_layers(x)
+    assert all(torch.allclose(gqa.forward_all_layers(x)[k], want[k], atol=1e-5) for k in want)
+    assert gqa.num_params() == mha.num_params() - 4 * 2 * (C - kv) * C
 
 
 def test_rotary_scores_depend_on_the_offset_only():

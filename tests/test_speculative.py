@@ -43,6 +43,15 @@ def test_greedy_is_full_model_greedy_across_context_refills(draft_exit, k, pos):
     assert 0 < stats.acceptance < 1 and stats.drafted > 0  # a random exit is sometimes right, sometimes not
 
 
+def test_greedy_with_grouped_query_attention():
+    """One K/V head for every query head (multi-query): the cache holds fewer heads, nothing else moves."""
+    model = model64(n_head=2, n_kv_head=1)
+    prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(1))
+    want, _ = decode.generate(model, prompt, 40, threshold=1.0, temperature=0)
+    got, stats = decode.speculative(model, prompt, 40, 1, 4, temperature=0)
+    assert torch.equal(got, want) and 0 < stats.acceptance < 1
+
+
 def test_each_row_is_what_it_would_be_alone():
     model = model64()
     prompt = torch.randint(0, 23, (4, 3), generator=torch.Generator().manual_seed(3))
