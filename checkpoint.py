@@ -41,15 +41,18 @@ def atomic_write(path, mode="w", **open_kwargs):
 
 def make_folder(folder):
     """The folder a file goes into, made if missing (and said so: a mistyped path shows at once); one
-    line if it cannot be (read-only, a file there)."""
+    line if it cannot be made or written in (read-only, a file there)."""
     folder = Path(folder)
-    if folder.is_dir():
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EEminiError(f"cannot make the folder {folder} ({e.strerror}); write somewhere else") from None
+        print(f"made the folder {folder}", flush=True)
+    try:  # a folder one may not write in fails here, before any work, not at the first save
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise EEminiError(f"cannot make the folder {folder} ({e.strerror}); write somewhere else") from None
-    print(f"made the folder {folder}", flush=True)
+        raise EEminiError(f"cannot write in the folder {folder} ({e.strerror}); write somewhere else") from None
 
 
 @contextlib.contextmanager

@@ -86,9 +86,12 @@ def threshold(s):
                                          f"0 sends every token out early, 1 none") from None
 
 
-def comma_list(item):
-    """argparse type: 'a,b,c' -> [item(a), item(b), item(c)]; an empty string is an empty list."""
+def comma_list(item, empty=True):
+    """argparse type: 'a,b,c' -> [item(a), item(b), item(c)]; an empty string is an empty list, or
+    with empty=False refused."""
     def parse(s):
+        if not s.strip() and not empty:
+            raise argparse.ArgumentTypeError("is empty; give at least one value")
         return [item(x.strip()) for x in s.split(",")] if s.strip() else []
     parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}s"
     return parse

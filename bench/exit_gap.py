@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p = cli.Parser(__doc__)
     p.add_argument("checkpoints", nargs="+", help="checkpoints written by train.py (with a trained exit)")
     cli.add_data(p, from_checkpoint=True)
-    p.add_argument("--thresholds", type=cli.comma_list(cli.threshold), default=[0.5, 0.7, 0.9],
+    p.add_argument("--thresholds", type=cli.comma_list(cli.threshold, empty=False), default=[0.5, 0.7, 0.9],
                    help="thresholds to compare the two modes at")
     p.add_argument("--probe-threshold", type=cli.threshold, default=0.9, help="threshold of the attention probe")
     cli.add_device(p)

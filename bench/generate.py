@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = cli.Parser(__doc__)
     cli.add_checkpoint(p)
     cli.add_data(p, from_checkpoint=True)
-    p.add_argument("--batch-sizes", type=cli.comma_list(cli.number(int, 1)), default=[1, 16],
+    p.add_argument("--batch-sizes", type=cli.comma_list(cli.number(int, 1), empty=False), default=[1, 16],
                    help="generation batch sizes, comma list")
     p.add_argument("--new-tokens", type=cli.number(int, 1), default=300, help="characters generated per timed run")
     p.add_argument("--rounds", type=cli.number(int, 1), default=5, help="rounds, each timing every method once")
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--route-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
                    help="exits the confidence-exit methods route through, comma list (default: every trained exit); "
                         "the others get threshold 1.0, so their heads are never computed")
-    p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1)), default=[2, 3, 4, 6],
+    p.add_argument("--draft-lengths", type=cli.comma_list(cli.number(int, 1), empty=False), default=[2, 3, 4, 6],
                    help="speculative drafts to try; the fastest (with the best draft exit) is timed")
     p.add_argument("--draft-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
                    help="exits to try drafting with, comma list (default: every trained exit)")

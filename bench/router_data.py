@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p = cli.Parser(__doc__)
     p.add_argument("checkpoint", help="a checkpoint written by train.py, with one exit")
     cli.add_data(p, from_checkpoint=True)
-    p.add_argument("--sizes", type=cli.comma_list(cli.number(int, 1000)), default=[40_000, 100_000, 200_000, 400_000, 600_000],
+    p.add_argument("--sizes", type=cli.comma_list(cli.number(int, 1000), empty=False), default=[40_000, 100_000, 200_000, 400_000, 600_000],
                    help="characters each router learns from, comma list")
     p.add_argument("--seeds", type=cli.number(int, 1), default=3, help="routers fitted a row, each from its own "
                    "seed (a share moves by several points from seed to seed)")

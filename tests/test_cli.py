@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 import cli
-from conftest import TINY_TRAIN, cli_error
+from conftest import TINY_TRAIN, cli_error, flag_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "sweep.py", "sample.py", "exit_classifier.py", "reproduce.py", "docs.py",
@@ -211,11 +211,18 @@ def test_help_shows_every_default(script, capsys):
         assert "(0 = 4 * n-embd) (default: 0)" in flat and "(default: 1)" in flat
 
 
+@pytest.mark.parametrize("script, flag", [("bench/generate.py", "--batch-sizes"), ("bench/generate.py", "--draft-lengths"),
+                                          ("bench/exit_gap.py", "--thresholds")])
+def test_a_benchmark_refuses_an_empty_list(script, flag, capsys):
+    assert f"argument {flag}: is empty; give at least one value" in flag_error(load(script).parse_args, ["x.pt", flag, ""], capsys)
+
+
 def test_shared_argument_types():
     assert cli.comma_list(cli.number(int, 0))("1, 2,3") == [1, 2, 3] and cli.comma_list(int)("") == []
     assert cli.threshold("0.25") == 0.25 and cli.number(float, 0.0, 1.0, hi_open=True)("0.5") == 0.5
     for bad, rule in (("nan", cli.threshold), ("1.01", cli.threshold), ("inf", cli.number(float)),
-                      ("1.0", cli.number(float, 0.0, 1.0, hi_open=True)), ("2.5", cli.number(int))):
+                      ("1.0", cli.number(float, 0.0, 1.0, hi_open=True)), ("2.5", cli.number(int)),
+                      (" ", cli.comma_list(int, empty=False))):
         with pytest.raises(argparse.ArgumentTypeError):
             rule(bad)
 

@@ -146,6 +146,22 @@ def test_out_into_a_new_folder_makes_it_and_says_so(data, tmp_path, capsys):
     assert "made the folder" not in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no one may write in")
+def test_a_folder_one_cannot_write_in_is_refused_before_any_work(data, capsys):
+    msg = cli_error(train.main, train.parse_args, ["--data", str(data), "--out", "/proc/c.pt", *TINY_TRAIN])
+    assert "cannot write in the folder /proc" in msg and "step " not in capsys.readouterr().out
+
+
+def test_a_diverged_training_never_overwrites_the_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "c.pt"
+    train.main(train.parse_args(["--data", str(data), "--out", str(out), *TINY_TRAIN]))
+    before = out.read_bytes()
+    msg = cli_error(train.main, train.parse_args, ["--data", str(data), "--out", str(out), "--overwrite", *TINY_TRAIN,
+                                                   "--lr", "1e6", "--muon-lr", "1e6"])
+    assert "training diverged by step" in msg and "keeps what it held" in msg
+    assert out.read_bytes() == before
+
+
 @pytest.fixture
 def damaged(data, tmp_path):
     """A good checkpoint, and copies of it damaged in the ways users met."""
