@@ -174,9 +174,15 @@ def load_checkpoint(path, device="cpu"):
         raise EEminiError(f"{path} is not an eemini checkpoint (no '{FORMAT}' format tag); "
                           f"pass a file written by train.py")
     missing = [k for k in ("config", "model", "vocab") if not isinstance(ckpt.get(k), (dict, list))]
+    missing += [k for k in ("args", "routers") if not isinstance(ckpt.get(k) or {}, dict)]
     if missing:
-        raise EEminiError(f"{path} has no '{missing[0]}': it is damaged or was not written by eemini; re-train it")
-    ckpt = upgrade_v1(ckpt) if ckpt["format"] == "eemini-1" else ckpt
+        raise EEminiError(f"{path} has no '{missing[0]}' as eemini writes it: it is damaged or was not written by "
+                          f"eemini; re-train it")
+    try:
+        ckpt = upgrade_v1(ckpt) if ckpt["format"] == "eemini-1" else ckpt
+    except (KeyError, TypeError, ValueError) as e:
+        raise EEminiError(f"{path}: an eemini-1 checkpoint without what it should hold ({e!r}); it is damaged, "
+                          f"re-train it") from None
     return {**ckpt, "path": str(path)}
 
 
@@ -187,6 +193,8 @@ def load_weights(module, state, path):
         if name not in mine or name not in state:
             where = "the file" if name in state else "its config"
             raise EEminiError(f"{path}: {name} is only in {where}; the checkpoint is damaged or from another version")
+        if not isinstance(state[name], torch.Tensor):
+            raise EEminiError(f"{path}: {name} is no tensor in the file; the checkpoint is damaged")
         if mine[name].shape != state[name].shape:
             raise EEminiError(f"{path}: {name} is {list(state[name].shape)} in the file, {list(mine[name].shape)} in "
                               f"its config; the checkpoint is damaged or from another version")
@@ -201,10 +209,14 @@ def model_from_checkpoint(ckpt, device="cpu"):
                           f"train.py model; pass a checkpoint that train.py wrote")
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
-    except TypeError as e:
+    except (TypeError, EEminiError) as e:
         raise EEminiError(f"{path}: its config does not describe a model ({e}); it is damaged or from another "
                           f"version") from None
     load_weights(model, ckpt["model"], path)
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise EEminiError(f"{path} holds NaN or inf weights: its training diverged; re-train it with a lower --lr")
+    if not isinstance(ckpt["vocab"], list) or not all(isinstance(c, str) and len(c) == 1 for c in ckpt["vocab"]):
+        raise EEminiError(f"{path}: its vocabulary is not a list of characters; the checkpoint is damaged")
     if len(ckpt["vocab"]) != model.config.vocab_size:
         raise EEminiError(f"{path}: a vocabulary of {len(ckpt['vocab'])} characters for an embedding of "
                           f"{model.config.vocab_size}; the checkpoint is damaged")

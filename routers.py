@@ -132,7 +132,11 @@ def from_checkpoint(ckpt, device="cpu"):
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
             router = Router(ckpt["config"]["n_embd"], saved["hidden"], regress=label == "kl")
-            router.load_state_dict(state)
+            try:
+                router.load_state_dict(state)
+            except (RuntimeError, TypeError, AttributeError):
+                raise EEminiError(f"{ckpt.get('path', 'the checkpoint')}: its router-{label} at exit {k} does not fit "
+                                  f"its model; the checkpoint is damaged, re-train it") from None
             out[f"router-{label}"][int(k)] = router.to(device).eval().requires_grad_(False)
     return out
 

@@ -174,16 +174,31 @@ def damaged(data, tmp_path):
     torch.save({**good, "model": state}, shapes)
     torch.save({k: v for k, v in good.items() if k != "config"}, no_config)
     torch.save({**good, "vocab": good["vocab"][:-3]}, short_vocab)
-    return {"shapes": shapes, "no_config": no_config, "short_vocab": short_vocab, "data": data}
+    more = {"args_list": {**good, "args": [1, 2]},
+            "not_a_tensor": {**good, "model": {**good["model"], "transformer.wte.weight": "x"}},
+            "nan_weights": {**good, "model": {**good["model"], "lm_head.weight": good["model"]["lm_head.weight"] * float("nan")}},
+            "heads": {**good, "config": {**good["config"], "n_head": 5}},
+            "vocab_ints": {**good, "vocab": list(range(len(good["vocab"])))},
+            "bad_router": {**good, "routers": {"epsilon": 0.1, "hidden": 8, "state": {"kl": {"1": {"net.0.weight": torch.zeros(2, 2)}}}}}}
+    for name, ckpt in more.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+    return {"shapes": shapes, "no_config": no_config, "short_vocab": short_vocab, "data": data,
+            **{name: tmp_path / f"{name}.pt" for name in more}}
 
 
 def test_damaged_checkpoints_are_one_line_everywhere(damaged):
     for name, match in (("shapes", "transformer.wte.weight is [18, 8] in the file, [18, 16] in its config"),
                         ("no_config", "has no 'config'"),
-                        ("short_vocab", "vocabulary of 15 characters for an embedding of 18")):
+                        ("short_vocab", "vocabulary of 15 characters for an embedding of 18"),
+                        ("args_list", "has no 'args' as eemini writes it"),
+                        ("not_a_tensor", "transformer.wte.weight is no tensor in the file"),
+                        ("nan_weights", "holds NaN or inf weights: its training diverged"),
+                        ("heads", "its config does not describe a model (n_embd 16 is not divisible by n_head 5)"),
+                        ("vocab_ints", "its vocabulary is not a list of characters"),
+                        ("bad_router", "its router-kl at exit 1 does not fit its model")):
         path = str(damaged[name])
-        for script, argv in ((sweep, [path]), (sample, [path, "--max-new-tokens", "3"]),
-                             (train, ["--resume", "--out", path, "--data", str(damaged["data"]), *TINY_TRAIN])):
+        resume = (train, ["--resume", "--out", path, "--data", str(damaged["data"]), *TINY_TRAIN])
+        for script, argv in ((sweep, [path]), (sample, [path, "--max-new-tokens", "3"]), *[resume] * (name != "bad_router")):
             assert match in cli_error(script.main, script.parse_args, argv), (name, script.__name__)
 
 
