@@ -68,8 +68,11 @@ def read_split(data, split):
     if path.is_dir():
         raw = all((path / f"wiki.{s}.raw").exists() for s in ("train", "valid"))
         file = path / f"wiki.{split}.{'raw' if raw else 'tokens'}"
-        if not file.exists():
-            raise EEminiError(f"{path} has no wiki.{split}.raw (nor .tokens); --data wants a folder with "
+        if not file.exists():  # name the file that is missing, of the train and valid pair or of this split
+            need = dict.fromkeys(("train", "valid", split))
+            lacking = [s for s in need if not any((path / f"wiki.{s}.{v}").exists() for v in ("raw", "tokens"))]
+            lacking = lacking or [s for s in need if not (path / f"wiki.{s}.raw").exists()]  # .raw and .tokens mixed
+            raise EEminiError(f"{path} has no wiki.{lacking[0]}.raw (nor .tokens); --data wants a folder with "
                               f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
         text, source = read_text(file), str(file)
     elif path.is_file():

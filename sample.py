@@ -38,10 +38,10 @@ def parse_args(argv=None):
     g.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="colour each character by its depth (auto: when writing to a terminal)")
     g = p.add_argument_group("early exit")
-    g.add_argument("--threshold", type=cli.comma_list(cli.threshold), default=[0.9], help="exit when confidence >= "
-                   "this (1.0 = full depth); one for every exit, or a comma list with one an exit")
-    g.add_argument("--confidence", default="softmax", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a "
-                   "learned router the checkpoint holds (router-kl, router-loss, router-consistency)")
+    g.add_argument("--threshold", type=cli.comma_list(cli.threshold), help="exit when confidence >= this (1.0 = full "
+                   "depth); one for every exit, or a comma list with one an exit (default: 0.9)")
+    g.add_argument("--confidence", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a learned router the "
+                   "checkpoint holds (router-kl, router-loss, router-consistency) (default: softmax)")
     g = p.add_argument_group("self-speculative decoding")
     g.add_argument("--speculative", type=cli.number(int, 0), default=0, help="drafts of up to this many characters "
                    "(0 = off, early exit instead): the full model's text, not early exit's")
@@ -51,10 +51,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("--prompt is empty; give at least one character")
-    if not args.threshold:
+    if args.threshold == []:
         p.error("--threshold is empty")
     if args.draft_exit is not None and not args.speculative:
         p.error("--draft-exit picks the exit that drafts for --speculative K; give --speculative too")
+    routing = [f for f, v in (("--threshold", args.threshold), ("--confidence", args.confidence)) if v is not None]
+    if args.speculative and routing:  # it would be ignored: the text is the full model's
+        p.error(f"{' and '.join(routing)} route early exit; --speculative K writes the full model's text and uses "
+                f"neither: drop {'them' if len(routing) > 1 else 'it'}, or --speculative")
+    args.threshold, args.confidence = args.threshold or [0.9], args.confidence or "softmax"
     return args
 
 

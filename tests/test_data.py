@@ -71,6 +71,19 @@ def test_folder_with_both_variants_reads_raw_for_every_split(wiki_folder):
     assert data.read_split(wiki_folder, "valid")[1].endswith("wiki.valid.tokens")
 
 
+def test_a_folder_missing_a_split_names_that_file(wiki_folder):
+    (wiki_folder / "wiki.valid.raw").rename(wiki_folder / "wiki.valid.tokens")  # train .raw, valid .tokens
+    with pytest.raises(EEminiError, match=r"has no wiki\.valid\.raw \(nor \.tokens\)"):  # not wiki.train.raw
+        data.read_split(wiki_folder, "train")
+    (wiki_folder / "wiki.valid.tokens").unlink()
+    with pytest.raises(EEminiError, match=r"has no wiki\.valid\.raw"):
+        data.read_split(wiki_folder, "train")
+    (wiki_folder / "wiki.valid.raw").write_text("a valid split\n" * 20)
+    (wiki_folder / "wiki.test.raw").unlink()
+    with pytest.raises(EEminiError, match=r"has no wiki\.test\.raw"):
+        data.read_split(wiki_folder, "test")
+
+
 def test_single_file_is_cut_90_10_and_has_no_test_split(text_file):
     whole = text_file.read_text()
     train, _ = data.read_split(text_file, "train")

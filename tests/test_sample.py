@@ -68,6 +68,9 @@ def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, c
     (["--threshold", "2"], "threshold 2 is outside [0, 1]"),
     (["--prompt", ""], "--prompt is empty"),
     (["--top-k", "-1"], "argument --top-k: -1 is outside"),
+    (["--threshold", ""], "--threshold is empty"),
+    (["--speculative", "4", "--threshold", "0.3"], "--threshold route early exit; --speculative K writes the full"),
+    (["--speculative", "4", "--confidence", "router-kl", "--threshold", "1"], "--threshold and --confidence route"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(sample.parse_args, ["ckpt.pt", *argv], capsys)
