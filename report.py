@@ -46,6 +46,15 @@ def ascii_plot(series, width=64, height=15, x_max=100, xlabel="Compute (%)", yla
     return lines + [(" " * 11 + "".join(ticks)).rstrip(), " " * (11 + width // 2 - len(xlabel) // 2) + xlabel]
 
 
+def can_draw():
+    """Whether matplotlib is there for save_png (sweep.py asks before any work)."""
+    try:
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_png(path, series, oracle_pts, title="PPL against compute, per threshold"):
     """PPL against Compute% to a PNG: each (label, [(x, y)]) series and the oracle frontier.
     Needs matplotlib; without it, says how to get it and draws nothing."""

@@ -33,6 +33,7 @@ import measure
 import report
 import routers as learned
 import uncertainty as un
+from data import read_split
 
 DEFAULT_THRESHOLDS = [i / 10 for i in range(11)]
 BUDGETS = (1.0, 2.0)  # the PPL budgets (% over full depth) at which each measure is held against the oracle
@@ -103,6 +104,11 @@ def check_request(args, cfg, data):
     for flag, path, suffix in (("--csv", args.csv, ".csv"), ("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
         if path:
             ck.check_output(path, flag, suffix)
+    if args.calibrate and data:
+        read_split(data, "test")  # a folder without its test split fails here, not after the sweep
+    if args.plot and not report.can_draw():
+        raise ee.EEminiError("--plot draws with matplotlib, which is not installed: `pip install matplotlib`, or drop "
+                             "--plot (the ASCII plot is always printed)")
 
 
 def describe(ckpt, path):

@@ -139,6 +139,9 @@ def check_args(p, args):
         p.error(f"--loss {args.loss} supervises an exit head: give --exit-layers 1 or more")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    elif args.pos == "rope" and (args.n_embd // args.n_head) % 2:
+        p.error(f"rotary positions need an even head size, and --n-embd {args.n_embd} / --n-head {args.n_head} is "
+                f"{args.n_embd // args.n_head}: change either, or use --pos learned")
     if args.n_kv_head and args.n_head % args.n_kv_head:
         p.error(f"--n-kv-head {args.n_kv_head} does not divide --n-head {args.n_head}")
     if args.layer_weights and len(args.layer_weights) != args.n_layer:

@@ -144,10 +144,11 @@ def test_true_exit_beside_masked(ckpts, capsys):
     assert exit_only["ppl"] == pytest.approx(res["rows"][1]["exit_ppl"])
 
 
-def test_plot_png_or_one_install_line(ckpts, tmp_path, monkeypatch, capsys):
+def test_plot_png_or_one_install_line_before_any_work(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # as if it were not installed
-    run_sweep(ckpts / "asym.pt", "--thresholds", "0,1", "--plot", tmp_path / "a.png")
-    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "a.png").exists()
+    msg = cli_error(sweep.main, sweep.parse_args, [str(ckpts / "asym.pt"), "--plot", str(tmp_path / "a.png")])
+    assert "`pip install matplotlib`, or drop --plot" in msg and "Threshold sweep" not in capsys.readouterr().out
+    assert not (tmp_path / "a.png").exists()
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
     run_sweep(ckpts / "asym.pt", "--thresholds", "0,1", "--plot", tmp_path / "b.png")
@@ -263,6 +264,10 @@ def test_calibrated_thresholds_are_chosen_on_valid_and_shown_on_test(wiki_folder
     assert tight[-1] == "yes" or float(tight[2]) < 1.0  # never exiting always keeps its promise
     res = run_sweep(out, "--calibrate", "20", "--risk", "consistency")
     assert res["calibrated"][0][1] == "20%"
+    (wiki_folder / "wiki.test.raw").unlink()  # no test split: said before the sweep, not after it
+    capsys.readouterr()
+    msg = cli_error(sweep.main, sweep.parse_args, [str(out), "--calibrate", "1"])
+    assert "has no wiki.test.raw" in msg and "Threshold sweep" not in capsys.readouterr().out
 
 
 def test_windows_and_details_sections(ckpts, capsys):

@@ -104,6 +104,7 @@ def test_resume_refuses_flags_it_would_ignore(text_file, tmp_path):
     (["--layer-weights", "1,2"], "--layer-weights has 2 entries"),
     (["--n-embd", "30", "--n-head", "4"], "not divisible"),
     (["--n-head", "4", "--n-kv-head", "3"], "--n-kv-head 3 does not divide --n-head 4"),
+    (["--n-embd", "12", "--n-head", "4"], "--n-embd 12 / --n-head 4 is 3: change either, or use --pos learned"),
     (["--dropout", "1.5"], "argument --dropout: 1.5 is outside [0.0, 1.0)"),
     (["--ffn-dim", "-4"], "argument --ffn-dim: -4 is outside [0, inf]"),
     (["--n-layer", "2", "--layer-weights", "nan,1"], "argument --layer-weights: nan is outside"),
