@@ -89,7 +89,8 @@ def parse_args(argv=None):
                    "retrained (missing ones are trained), and an --out-dir with none of them is refused")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, per-run JSON (default runs/, --quick runs/quick)")
     p.add_argument("--results", default=None, help="RESULTS.md to write (default RESULTS.md; --quick in --out-dir); "
-                   "results.csv and PNG plots go beside it")
+                   "results.csv and PNG plots go beside it; a .md or results.csv there that reproduce.py did not "
+                   "write is never replaced")
     cli.add_device(p)
     args = p.parse_args(argv)
     q = args.quick
@@ -135,23 +136,90 @@ def flag_value(argv, flag, default):
 
 def run_script(script, argv, stem, flags=()):
     """`python <script> <argv> <flags>` in its own process, its output appended to <stem>.log. The argv
-    is recorded beside the checkpoint first, so a later call knows whether that checkpoint is ours."""
-    ck.write_text(f"{stem}.argv.json", json.dumps(argv))
-    with open(f"{stem}.log", "a") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv, *flags], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint, then stop
-            proc.wait(timeout=120)
-            raise
-    if proc.returncode:
-        raise EEminiError(f"{script} {shlex.join(argv)} failed (exit {proc.returncode}); its output is in {stem}.log")
+    is recorded beside the checkpoint first, so a later call knows whether that checkpoint is ours (and
+    resumes it after an interrupt); a run that fails before it saved anything (train.py refusing a flag)
+    puts the earlier record back, since the checkpoint there is still the one that record names."""
+    record, log_path = Path(f"{stem}.argv.json"), Path(f"{stem}.log")
+    earlier, before = (record.read_text() if record.exists() else None), stamp(f"{stem}.pt")
+    start = log_path.stat().st_size if log_path.exists() else 0  # this attempt's output begins here
+    ck.write_text(record, json.dumps(argv))
+    ok = False
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv, *flags], stdout=log,
+                                    stderr=subprocess.STDOUT)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint, then stop
+                proc.wait(timeout=120)
+                raise
+        ok = proc.returncode == 0
+    finally:
+        if not ok and stamp(f"{stem}.pt") == before:
+            if earlier is None:
+                record.unlink(missing_ok=True)
+            else:
+                ck.write_text(record, earlier)
+    if not ok:
+        said = last_line(log_path, start) or "it printed nothing"
+        raise EEminiError(f"{script} failed (exit {proc.returncode}): {said} (the run: {script} {shlex.join(argv)}; "
+                          f"its output is in {log_path})")
+
+
+def stamp(path):
+    """What tells one version of a file from the next (None: no file)."""
+    try:
+        s = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return s.st_ino, s.st_mtime_ns, s.st_size
+
+
+def last_line(path, start):
+    """The last line with something on it that a log got after byte `start`: a failed run's reason."""
+    with open(path, "rb") as f:
+        f.seek(max(start, f.seek(0, os.SEEK_END) - 4096))
+        lines = f.read().decode(errors="replace").splitlines()
+    said = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return said if len(said) <= 300 else said[:300] + "..."
+
+
+def read_record(path, valid, redo):
+    """One of the runs folder's bookkeeping files (a run's figures, its argv), as JSON; anything else is
+    refused in one line. Each is written atomically, so damage comes from outside (an edit, a bad copy),
+    and only the user can say whether what it held matters."""
+    try:
+        obj = json.loads(Path(path).read_text())
+        why = None if valid(obj) else f"not the record reproduce.py writes: a JSON {type(obj).__name__}"
+    except OSError as e:
+        why = e.strerror
+    except ValueError as e:  # not UTF-8, not JSON, cut short
+        why = f"not JSON: {e}"
+    if why:
+        raise EEminiError(f"{path} is damaged ({why}); delete it, and the next run {redo}")
+    return obj
+
+
+def good_side(d):
+    """Is d a <run>.json as run_all writes it?"""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return (isinstance(d, dict) and isinstance(d.get("argv"), list) and number(d.get("seconds"))
+            and (d.get("finished") is None or number(d["finished"])) and isinstance(d.get("metrics"), dict)
+            and all(number(v) for v in d["metrics"].values()))
+
+
+def recorded_argv(stem):
+    """The argv <stem>.pt was started with (None: not recorded)."""
+    side = Path(f"{stem}.argv.json")
+    if not side.exists():
+        return None
+    return read_record(side, lambda a: isinstance(a, list) and all(isinstance(x, str) for x in a),
+                       "trains that run again from the start")
 
 
 def ours(stem, argv):
     """Is <stem>.pt a checkpoint this exact argv started?"""
-    side = Path(f"{stem}.argv.json")
-    return Path(f"{stem}.pt").exists() and side.exists() and json.loads(side.read_text()) == argv
+    return Path(f"{stem}.pt").exists() and recorded_argv(stem) == argv
 
 
 def measure_model(path, args):
@@ -239,7 +307,8 @@ def run_all(args):
             else:
                 argv = [*common, *spec, *args.ec_args]
             side = out / f"{name}-seed{k}.json"
-            done = json.loads(side.read_text()) if side.exists() else None
+            done = read_record(side, good_side, "redoes that run (a finished checkpoint is only measured again)") \
+                if side.exists() else None
             if done and "finished" not in done:  # older side files: when they were written
                 done["finished"] = side.stat().st_mtime
             jobs.append((name, script, k, argv, side, done if done and done["argv"] == argv else None))
@@ -247,6 +316,8 @@ def run_all(args):
         raise EEminiError(f"--remeasure measures finished runs again, and {out} holds none of these {len(jobs)} runs "
                           f"(another --out-dir?); without --remeasure they are trained")
     todo, t0, times = [j for j in jobs if j[-1] is None or args.remeasure], time.time(), []
+    for name, _, k, *_ in todo:  # a damaged argv record is refused now, not when its run comes up
+        ours(out / f"{name}-seed{k}", None)
 
     def work(job):
         name, script, k, argv, side, earlier = job
@@ -372,6 +443,8 @@ def findings(A):
 # ----------------------------------------------------------------------------------------------
 # RESULTS.md: every seed table in the seed's own layout; each cell "mean ± std [the seed's figure]"
 
+TITLE = "# Results: the seed experiments, reproduced"  # the first lines that tell reproduce.py's own files
+CSV_HEAD = ["model", "key", "mean", "std", "n", "per_seed"]
 TH = ["Threshold", "PPL", "Shallow%", "Compute%"]
 EC_FINAL = {"Final PPL": ("final_ppl", 2, ""), "Accuracy": ("accuracy", 2, "%"), "Shallow ratio": ("shallow", 1, "%"),
             "Compute savings (layers)": ("saved", 1, "%"), "FLOP savings": ("flops_saved", 1, "%"),
@@ -494,6 +567,25 @@ def plots(A, res_dir):
     return out
 
 
+def refuse_others(args):
+    """--results and the results.csv beside it replace only what reproduce.py wrote there itself (known by
+    its first line), never a README or someone else's table; refused before any run."""
+    md_path = Path(args.results)
+    for path, first in ((md_path, TITLE), (md_path.with_name("results.csv"), ",".join(CSV_HEAD))):
+        if path.exists() and first_line(path) != first:
+            raise EEminiError(f"--results {args.results} would replace {path}, which reproduce.py did not write; pick "
+                              f"another --results path, or delete that file")
+
+
+def first_line(path):
+    """A file's first line (None if it cannot be read: a folder, no permission)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\r\n")
+    except OSError:
+        return None
+
+
 def report(records, args):
     """RESULTS.md text and results.csv text."""
     runs = [r for recs in records.values() for r in recs]
@@ -512,7 +604,7 @@ def report(records, args):
         (f"masked/{t}/oracle_ppl", 3, ""), (f"masked/{t}/shallow", 1, "%"), (f"masked/{t}/compute", 1, "%"),
         (f"exit/{t}/flops", 1, "%"))), ci(A, name, t)]
         for name, script, what, _ in RUNS if script == "train.py" and name in agg]
-    lines = ["# Results: the seed experiments, reproduced", "",
+    lines = [TITLE, "",
              f"Written by `{cmd}` on {time.strftime('%Y-%m-%d')}: {cli.machine(args.device)}, device {args.device}. "
              + (f"The runs took {cli.fmt_time(span)} from the first start to the last end, {args.jobs} at a time "
                 f"({cli.fmt_time(total)} counting each one alone)." if span is not None else
@@ -542,7 +634,7 @@ def report(records, args):
               *md(["Seed", "Finding", "Verdict", "Measured (mean ± std)"], findings(A))]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "key", "mean", "std", "n", "per_seed"])
+    w.writerow(CSV_HEAD)
     for name, recs in records.items():
         for key, (mean, sd, n) in agg[name].items():
             w.writerow([name, key, f"{mean:.6g}", f"{sd:.6g}", n, ";".join(f"{r[key]:.6g}" for r in recs if key in r)])
@@ -556,7 +648,8 @@ def main(args):
     args.device = cli.pick_device(args.device, args.threads)
     for split in ("train", "valid"):  # a bad --data fails here, not in the first of many runs
         read_split(args.data, split)
-    ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end
+    ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end,
+    refuse_others(args)  # or a file there that is not ours
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
     ck.make_folder(Path(args.out_dir))

@@ -1,17 +1,20 @@
 """reproduce.py: mean ± std against a hand computation, the verdict rules on hand-made cases, a --quick
-run on tiny data (each model trained by its own train.py / exit_classifier.py process), resuming.
+run on tiny data (each model trained by its own train.py / exit_classifier.py process), resuming; one line,
+and nothing lost, for a --results onto someone else's file, a damaged record in the runs folder, a failed run.
 
-Run: python -m pytest tests/test_reproduce.py -q   (about 30 s on 2 CPU cores)
+Run: python -m pytest tests/test_reproduce.py -q   (about 2 minutes on 2 CPU cores)
 """
 
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import reproduce
+from conftest import cli_error, tiny_text
 from seeds import CLAIMS
 
 TINY = ["--quick", "--jobs", "2", "--max-iters", "4", "--val-chars", "600", "--device", "cpu",
@@ -143,3 +146,101 @@ def test_too_little_validation_text_for_a_window_is_refused_before_any_run(capsy
         with pytest.raises(SystemExit):
             reproduce.parse_args(["--quick", *argv])
     assert reproduce.parse_args(["--quick", "--val-chars", "21", "--train-args", "--block-size 8", "--ec-args", "--seq-len 20"])
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line, before any run where it can be found then, and nothing saved is lost
+
+
+@pytest.fixture
+def one_model(monkeypatch):
+    """reproduce.py with one experiment (Standard 1L, a few seconds) and no training-curve runs."""
+    monkeypatch.setattr(reproduce, "RUNS", [r for r in reproduce.RUNS if r[0] == "std1L"])
+    monkeypatch.setattr(reproduce, "CURVES", [])
+
+
+def with_train_args(argv, more):
+    i = argv.index("--train-args")
+    return [*argv[: i + 1], f"{argv[i + 1]} {more}", *argv[i + 2:]]
+
+
+def test_results_never_replace_a_file_reproduce_did_not_write(one_model, wiki_folder, tmp_path):
+    readme, table, ours = tmp_path / "README.md", tmp_path / "results.csv", tmp_path / "RESULTS.md"
+    readme.write_text("# eemini\n\nThe project's README.\n")
+    argv = ["--data", str(wiki_folder), "--out-dir", str(tmp_path / "runs"), *TINY]
+    msg = cli_error(reproduce.main, reproduce.parse_args, [*argv, "--results", str(readme)])
+    assert f"would replace {readme}, which reproduce.py did not write" in msg
+    assert "pick another --results path, or delete that file" in msg
+    assert readme.read_text() == "# eemini\n\nThe project's README.\n" and not (tmp_path / "runs").exists()
+    # the results.csv beside it: someone else's table is kept too, before any run
+    ours.write_text(f"{reproduce.TITLE}\n\nan earlier run's results\n")
+    table.write_text("name,score\nx,1\n")
+    msg = cli_error(reproduce.main, reproduce.parse_args, [*argv, "--results", str(ours)])
+    assert f"would replace {table}, which reproduce.py did not write" in msg
+    assert table.read_text() == "name,score\nx,1\n" and not (tmp_path / "runs").exists()
+    # what reproduce.py wrote itself is replaced, as every run does
+    table.write_text(",".join(reproduce.CSV_HEAD) + "\nstd1L,full/ppl,9,0,1,9\n")
+    reproduce.main(reproduce.parse_args([*argv, "--results", str(ours)]))
+    assert ours.read_text().startswith(reproduce.TITLE + "\n") and "std1L,full/ppl,9," not in table.read_text()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of one model (Standard 1L) in a runs folder, to copy and damage."""
+    tmp = tmp_path_factory.mktemp("finished")
+    (tmp / "wiki").mkdir()
+    for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
+        (tmp / "wiki" / f"wiki.{split}.raw").write_text(tiny_text(6000 if split == "train" else 1500, seed))
+    argv = ["--data", str(tmp / "wiki"), "--out-dir", str(tmp / "runs"), *TINY]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reproduce, "RUNS", [r for r in reproduce.RUNS if r[0] == "std1L"])
+        mp.setattr(reproduce, "CURVES", [])
+        reproduce.main(reproduce.parse_args(argv))
+    return tmp / "runs", argv
+
+
+@pytest.mark.parametrize("name, damage, why", [
+    ("std1L-seed0.json", lambda t: t[: len(t) // 2], "not JSON: "),  # cut short
+    ("std1L-seed0.json", lambda t: "not json at all", "not JSON: "),
+    ("std1L-seed0.json", lambda t: json.dumps([json.loads(t)]), "not the record reproduce.py writes: a JSON list"),
+    ("std1L-seed0.json", lambda t: json.dumps({**json.loads(t), "seconds": "long"}), "a JSON dict"),
+    ("std1L-seed0.argv.json", lambda t: t[: len(t) // 2], "not JSON: "),
+    ("std1L-seed0.argv.json", lambda t: json.dumps({"argv": json.loads(t)}), "a JSON dict"),
+])
+def test_a_damaged_record_in_the_runs_folder_is_one_line_before_any_run(one_model, finished_run, tmp_path, name,
+                                                                         damage, why):
+    """Each record is written atomically, so damage is an edit or a bad copy: refused, naming the file and
+    what to do, never guessed at (a record read as 'not done' would retrain or lose the run's time).
+    The argv record is read when a run starts: --remeasure starts them all."""
+    out = tmp_path / "runs"
+    shutil.copytree(finished_run[0], out)
+    argv = [*finished_run[1][:2], "--out-dir", str(out), *finished_run[1][4:], "--remeasure"]
+    bad = damage((out / name).read_text())
+    (out / name).write_text(bad)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    msg = cli_error(reproduce.main, reproduce.parse_args, argv)
+    assert msg.startswith(f"error: {out / name} is damaged (") and why in msg and "; delete it, and the next run " in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing run, nothing written
+
+
+def test_a_failed_run_leaves_what_remeasure_does_unchanged(one_model, wiki_folder, tmp_path):
+    """train.py refusing a flag saved nothing, so the checkpoint still belongs to the earlier argv:
+    the record says so, and --remeasure measures it again instead of training it from the start."""
+    out = tmp_path / "runs"
+    argv = ["--data", str(wiki_folder), "--out-dir", str(out), *TINY]
+    reproduce.main(reproduce.parse_args(argv))
+    record, weights = (out / "std1L-seed0.argv.json").read_text(), (out / "std1L-seed0.pt").read_bytes()
+    cli_error(reproduce.main, reproduce.parse_args, with_train_args(argv, "--alpha 2"))
+    assert (out / "std1L-seed0.argv.json").read_text() == record and (out / "std1L-seed0.pt").read_bytes() == weights
+    seen = len((out / "std1L-seed0.log").read_text())
+    reproduce.main(reproduce.parse_args([*argv, "--remeasure"]))
+    assert "nothing to train" in (out / "std1L-seed0.log").read_text()[seen:]
+
+
+def test_a_failed_run_says_why(one_model, wiki_folder, tmp_path):
+    out = tmp_path / "runs"
+    argv = with_train_args(["--data", str(wiki_folder), "--out-dir", str(out), *TINY], "--alpha 2")
+    msg = cli_error(reproduce.main, reproduce.parse_args, argv)
+    assert msg.startswith("error: train.py failed (exit 2): train.py: error: argument --alpha: 2 is outside [0.0, 1.0]")
+    assert f"its output is in {out / 'std1L-seed0.log'}" in msg
+    assert not (out / "std1L-seed0.argv.json").exists() and not (out / "std1L-seed0.pt").exists()
