@@ -116,6 +116,9 @@ def fit_held_out(model, data, train_chars, chars, vocab, epsilon=0.1, device="cp
         print(f"routers: skipped, only {len(ids):,} training characters after --train-chars {train_chars:,} "
               f"(use a smaller --train-chars, or --router-chars 0 to say so)")
         return None
+    if len(ids) < chars:
+        print(f"routers: only {len(ids):,} of the {chars:,} --router-chars are left in the train split after "
+              f"--train-chars {train_chars:,}; they learn from those")
     return to_checkpoint(fit_routers(model, ids, epsilon, device), epsilon)
 
 

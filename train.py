@@ -379,6 +379,9 @@ def resume(run, ckpt):
     """Weights, optimizer state, step and best val from the checkpoint; say where the schedule goes."""
     run.step, run.best_val, run.history = ck.restore(run.raw, run.optimizers, ckpt, run.args.out)
     a = run.args
+    if a.max_iters < run.step:  # it would be saved again, recording a run that ended before it began
+        raise ee.EEminiError(f"{a.out} is at step {run.step}, past --max-iters {a.max_iters}; give --max-iters above "
+                             f"{run.step} to train on (the checkpoint is left as it is)")
     run.log(f"resuming from step {run.step} of {a.out} | " + (
         f"the learning-rate schedule restarts: cosine from step 0 to {a.schedule_iters}" if a.restart_schedule else
         f"the learning-rate schedule ends at step {a.schedule_iters}" + (

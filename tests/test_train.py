@@ -13,7 +13,7 @@ import torch
 import checkpoint as ck
 import eemini as ee
 import train
-from conftest import TINY_TRAIN, cli_error, flag_error
+from conftest import TINY_TRAIN, cli_error, flag_error, tiny_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,3 +166,14 @@ def test_grad_accum_matches_one_big_batch(text_file, tmp_path):
     acc = run_train(*base, "--out", str(tmp_path / "b.pt"), "--batch-size", "4", "--grad-accum", "2")
     for k, v in big.state_dict().items():
         assert torch.allclose(v, acc.state_dict()[k], atol=1e-5), k
+
+
+def test_routers_say_when_held_out_text_runs_short_and_resume_refuses_going_back(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(tiny_text(7000))  # a single file: 6,300 train characters, 2,300 past 4,000
+    out = tmp_path / "r.pt"
+    argv = ["--data", str(tmp_path / "t.txt"), "--out", str(out), *TINY_TRAIN, "--train-chars", "4000"]
+    train.main(train.parse_args([*argv, "--router-chars", "100000"]))
+    assert "routers: only 2,300 of the 100,000 --router-chars are left" in capsys.readouterr().out
+    before = out.read_bytes()
+    msg = cli_error(train.main, train.parse_args, [*argv, "--resume", "--max-iters", "3"])
+    assert "is at step 6, past --max-iters 3; give --max-iters above 6" in msg and out.read_bytes() == before
