@@ -207,6 +207,8 @@ def load(path, device="cpu"):
     ckpt = ck.load_checkpoint(path, device)
     if ckpt.get("kind") != KIND:
         raise ee.EEminiError(f"{path} was not written by exit_classifier.py")
+    if ck.diverged(ckpt["model"]):
+        raise ee.EEminiError(f"{path} holds NaN or inf weights: its training diverged; train it again")
     cfg, out = ee.GPTConfig(**ckpt["config"]), {}
     for m in ckpt["methods"]:
         bl, thr = ckpt["block_layers"], ckpt["thresholds"][m]

@@ -130,9 +130,18 @@ def write_text(path, text):
         f.write(text)
 
 
+def diverged(state):
+    """Whether a state dict holds a NaN or inf weight: what a training that diverged leaves."""
+    return not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
 def save_checkpoint(path, model, vocab, **extra):
-    """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically."""
+    """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically; never
+    weights with a NaN or inf, which would replace a good file with a useless one."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
+    if diverged(raw.state_dict()):
+        raise EEminiError(f"training diverged (its weights hold NaN or inf), so {path} was not written; a file "
+                          f"already there is kept as it was. Train again with a lower --lr (and --muon-lr)")
     ckpt = {"format": FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": raw.state_dict(),
             "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py's cascades)
     with atomic_write(path, "wb") as f:
@@ -213,8 +222,9 @@ def model_from_checkpoint(ckpt, device="cpu"):
         raise EEminiError(f"{path}: its config does not describe a model ({e}); it is damaged or from another "
                           f"version") from None
     load_weights(model, ckpt["model"], path)
-    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-        raise EEminiError(f"{path} holds NaN or inf weights: its training diverged; re-train it with a lower --lr")
+    if diverged(ckpt["model"]):
+        raise EEminiError(f"{path} holds NaN or inf weights: its training diverged; train again with a lower --lr "
+                          f"(and --muon-lr)")
     if not isinstance(ckpt["vocab"], list) or not all(isinstance(c, str) and len(c) == 1 for c in ckpt["vocab"]):
         raise EEminiError(f"{path}: its vocabulary is not a list of characters; the checkpoint is damaged")
     if len(ckpt["vocab"]) != model.config.vocab_size:
@@ -254,7 +264,9 @@ def resume_point(args, keep, may_change=()):
         raise EEminiError(f"{args.out} holds no optimizer state, so it cannot be resumed")
     if isinstance(ckpt["optimizer"], dict):  # eemini-1: one AdamW
         ckpt["optimizer"] = [ckpt["optimizer"]]
-    given, old = getattr(args, "given", ()), ckpt["args"]
+    given, config = getattr(args, "given", ()), ckpt["config"]
+    # a model flag newer than the checkpoint (not in its args) has the value its config says, or had the default
+    old = {**{k: config.get(k, getattr(GPTConfig, k)) for k in vars(args) if hasattr(GPTConfig, k)}, **ckpt["args"]}
     clash = [k for k in given if k not in (*keep, *may_change) and k in old and getattr(args, k) != old[k]]
     if clash:
         def typed(v):  # as one would type it: 1,2 for a list

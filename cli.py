@@ -175,9 +175,8 @@ def machine(device="cpu"):
 
 def width(cfg):
     """'n_embd 256' for a model's header line, and its K/V heads where grouped-query attention shares them."""
-    kv = cfg.n_kv_head
-    shared = kv and kv != cfg.n_head
-    return f"n_embd {cfg.n_embd}" + (f", {kv} K/V head{'s' * (kv > 1)} for {cfg.n_head} query heads" if shared else "")
+    kv = cfg.kv_heads
+    return f"n_embd {cfg.n_embd}" + (f", {kv} K/V head{'s' * (kv > 1)} for {cfg.n_head} query heads" if kv < cfg.n_head else "")
 
 
 def fmt_time(seconds):

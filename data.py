@@ -71,7 +71,10 @@ def read_split(data, split):
         if not file.exists():  # name the file that is missing, of the train and valid pair or of this split
             need = dict.fromkeys(("train", "valid", split))
             lacking = [s for s in need if not any((path / f"wiki.{s}.{v}").exists() for v in ("raw", "tokens"))]
-            lacking = lacking or [s for s in need if not (path / f"wiki.{s}.raw").exists()]  # .raw and .tokens mixed
+            if not lacking:  # each is there, but .raw beside .tokens
+                has = [f"wiki.{s}.{'raw' if (path / f'wiki.{s}.raw').exists() else 'tokens'}" for s in need]
+                raise EEminiError(f"{path} has {', '.join(has)}: give these splits in one format, all .raw (or all "
+                                  f".tokens)")
             raise EEminiError(f"{path} has no wiki.{lacking[0]}.raw (nor .tokens); --data wants a folder with "
                               f"wiki.{{train,valid,test}}.raw (or .tokens) or a single text file")
         text, source = read_text(file), str(file)

@@ -65,7 +65,7 @@ class GPTConfig:
             raise EEminiError(f"layer dropout {self.layer_dropout} must lie in [0, 1)")
         if self.n_embd % self.n_head:
             raise EEminiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
             raise EEminiError(f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}")
         for name, allowed in (("pos", ROPE), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
@@ -82,6 +82,11 @@ class GPTConfig:
     def head_layers(self):
         """Middle layers with a head of their own: the exits and every weighted middle layer."""
         return sorted(set(self.exits) | {k for k in self.loss_weights if k < self.n_layer})
+
+    @property
+    def kv_heads(self):
+        """Heads of keys and values (fewer than n_head under grouped-query attention)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def trained_exits(self):
@@ -136,8 +141,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.block_size, self.dropout = cfg.n_head, cfg.block_size, cfg.dropout
         # grouped-query attention · Ainslie et al. 2023, arXiv:2305.13245: fewer K/V heads, so the K/V
         # an exited token still owes the deep layers costs less (n_kv_head 1 is multi-query attention)
-        self.hs, n_kv = cfg.n_embd // cfg.n_head, cfg.n_kv_head or cfg.n_head
-        self.kv, self.gqa = n_kv * self.hs, n_kv != cfg.n_head  # width of the keys (and of the values)
+        self.hs = cfg.n_embd // cfg.n_head
+        self.kv, self.gqa = cfg.kv_heads * self.hs, cfg.kv_heads != cfg.n_head  # width of the keys (and values)
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)

@@ -68,7 +68,7 @@ def flops_per_token(cfg, context=None):
     """Forward FLOPs of one token (2 per multiply-add): one layer, one head, one layer's K/V
     projection. Attention is counted over `context` keys (default: half the block, the mean)."""
     C, Fd, V = cfg.n_embd, cfg.ffn_dim or 4 * cfg.n_embd, cfg.vocab_size
-    kv = C * (cfg.n_kv_head or cfg.n_head) // cfg.n_head  # keys' width: less than C with grouped-query attention
+    kv = C * cfg.kv_heads // cfg.n_head  # keys' width: less than C with grouped-query attention
     ctx = cfg.block_size / 2 if context is None else context
     layer = 2 * (2 * C * C + 2 * C * kv) + 2 * 2 * ctx * C + 2 * 2 * C * Fd  # q, k, v + proj, scores + mix, MLP
     return layer, 2 * C * V, 2 * 2 * C * kv

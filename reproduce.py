@@ -24,7 +24,6 @@ exit_classifier.py saved with them).
 """
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -44,7 +43,7 @@ import measure
 import uncertainty as un
 from data import read_split
 from eemini import EEminiError
-from report import ascii_plot, md, save_png
+from report import ascii_plot, can_draw, md, save_png
 from seeds import (CLAIMS, LABELS, S000, S000_AUX, S000_DS, S002, S003, S003_ADS, S003_ALPHA, S003_T07, S004,
                    S004_METHODS, TAU)
 
@@ -214,7 +213,7 @@ def recorded_argv(stem):
     if not side.exists():
         return None
     return read_record(side, lambda a: isinstance(a, list) and all(isinstance(x, str) for x in a),
-                       "trains that run again from the start")
+                       "trains that run again from the start, replacing its checkpoint")
 
 
 def ours(stem, argv):
@@ -552,7 +551,7 @@ def training_curves(agg, args):
 
 def plots(A, res_dir):
     """PPL against Compute for every model with an exit: masked, true exit, oracle frontier (means)."""
-    out, png = [], importlib.util.find_spec("matplotlib") is not None
+    out, png = [], can_draw()
     for name, _, what, _ in RUNS:
         if A(name, "masked/0/ppl") is None:
             continue
@@ -648,10 +647,10 @@ def main(args):
     args.device = cli.pick_device(args.device, args.threads)
     for split in ("train", "valid"):  # a bad --data fails here, not in the first of many runs
         read_split(args.data, split)
-    ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end,
-    refuse_others(args)  # or a file there that is not ours
     print(f"reproduce: {args.seeds} seed(s) x {len(RUNS)} experiments | {args.max_iters} steps per train.py model | "
           f"device {args.device} | runs in {args.out_dir}")
+    ck.check_output(args.results, "--results", ".md")  # and a bad place for what is written at the end,
+    refuse_others(args)  # or a file there that is not ours
     ck.make_folder(Path(args.out_dir))
     records = run_all(args)
     text, table = report(records, args)

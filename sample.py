@@ -57,9 +57,11 @@ def parse_args(argv=None):
         p.error("--draft-exit picks the exit that drafts for --speculative K; give --speculative too")
     routing = [f for f, v in (("--threshold", args.threshold), ("--confidence", args.confidence)) if v is not None]
     if args.speculative and routing:  # it would be ignored: the text is the full model's
-        p.error(f"{' and '.join(routing)} route early exit; --speculative K writes the full model's text and uses "
-                f"neither: drop {'them' if len(routing) > 1 else 'it'}, or --speculative")
-    args.threshold, args.confidence = args.threshold or [0.9], args.confidence or "softmax"
+        p.error(f"{' and '.join(routing)} {'route' if len(routing) > 1 else 'routes'} early exit; --speculative K "
+                f"writes the full model's text and uses neither: drop {'them' if len(routing) > 1 else 'it'}, or "
+                f"--speculative")
+    args.threshold = [0.9] if args.threshold is None else args.threshold
+    args.confidence = "softmax" if args.confidence is None else args.confidence
     return args
 
 

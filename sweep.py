@@ -104,11 +104,11 @@ def check_request(args, cfg, data):
     for flag, path, suffix in (("--csv", args.csv, ".csv"), ("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
         if path:
             ck.check_output(path, flag, suffix)
-    if args.calibrate and data:
-        read_split(data, "test")  # a folder without its test split fails here, not after the sweep
     if args.plot and not report.can_draw():
         raise ee.EEminiError("--plot draws with matplotlib, which is not installed: `pip install matplotlib`, or drop "
                              "--plot (the ASCII plot is always printed)")
+    if args.calibrate and data:
+        read_split(data, "test")  # a folder without its test split fails here, not after the sweep
 
 
 def describe(ckpt, path):

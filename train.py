@@ -251,10 +251,6 @@ def evaluate(run, val, thresholds):
 
 
 def save(run, metrics):
-    """The checkpoint, unless training diverged: weights with a NaN or inf never replace a saved file."""
-    if not all(torch.isfinite(p).all() for p in run.raw.parameters()):
-        raise ee.EEminiError(f"training diverged by step {run.step} (its weights hold NaN or inf), so {run.args.out} "
-                             f"was not written and keeps what it held; train again with a lower --lr / --muon-lr")
     ck.save_checkpoint(run.args.out, run.raw, run.vocab, args=vars(run.args), step=run.step, best_val=run.best_val,
                        history=run.history, **({"routers": run.routers} if run.routers else {}),
                        metrics=metrics, optimizer=[o.state_dict() for o in run.optimizers], seed=run.args.seed)

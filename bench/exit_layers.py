@@ -43,7 +43,7 @@ def main(args):
     ids, source = ck.eval_text(args, ckpt, vocab)
     stats = measure.token_stats(model, ids, args.eval_batch_size, device)
     full = measure.ppl(stats["ce"][cfg.n_layer])
-    print(f"{args.checkpoint}: {cfg.n_layer} layers, n_embd {cfg.n_embd}, exits {cfg.exits} | full depth PPL "
+    print(f"{args.checkpoint}: {cfg.n_layer} layers, {cli.width(cfg)}, exits {cfg.exits} | full depth PPL "
           f"{full:.3f} | " + " ".join(f"L{k} {measure.ppl(stats['ce'][k]):.3f}" for k in cfg.exits))
     rows = []
     for exits in [*([k] for k in cfg.trained_exits), *(list(p) for p in itertools.combinations(cfg.trained_exits, 2))]:

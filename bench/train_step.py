@@ -70,7 +70,7 @@ def main(args):
     layer, head, _ = measure.flops_per_token(cfg)
     flop_ratio = (cfg.n_layer * layer + 2 * head) / (cfg.n_layer * layer + head)
     a, b = (statistics.median(v) for v in ms.values())
-    print(f"device {device} | {cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, "
+    print(f"device {device} | {cfg.n_layer} layers, {cli.width(cfg)}, vocab {cfg.vocab_size}, "
           f"batch {args.batch_size}x{cfg.block_size} | median of {args.rounds} rounds x {args.steps} steps")
     for name, v in ms.items():
         print(f"{name:22s} {statistics.median(v):8.2f} ms/step  (rounds: {' '.join(f'{t:.1f}' for t in v)})")

@@ -73,10 +73,10 @@ def test_folder_with_both_variants_reads_raw_for_every_split(wiki_folder):
 
 def test_a_folder_missing_a_split_names_that_file(wiki_folder):
     (wiki_folder / "wiki.valid.raw").rename(wiki_folder / "wiki.valid.tokens")  # train .raw, valid .tokens
-    with pytest.raises(EEminiError, match=r"has no wiki\.valid\.raw \(nor \.tokens\)"):  # not wiki.train.raw
+    with pytest.raises(EEminiError, match=r"has wiki\.train\.raw, wiki\.valid\.tokens: give these splits in one"):
         data.read_split(wiki_folder, "train")
     (wiki_folder / "wiki.valid.tokens").unlink()
-    with pytest.raises(EEminiError, match=r"has no wiki\.valid\.raw"):
+    with pytest.raises(EEminiError, match=r"has no wiki\.valid\.raw \(nor \.tokens\)"):  # not wiki.train.raw
         data.read_split(wiki_folder, "train")
     (wiki_folder / "wiki.valid.raw").write_text("a valid split\n" * 20)
     (wiki_folder / "wiki.test.raw").unlink()

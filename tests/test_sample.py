@@ -69,7 +69,7 @@ def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, c
     (["--prompt", ""], "--prompt is empty"),
     (["--top-k", "-1"], "argument --top-k: -1 is outside"),
     (["--threshold", ""], "--threshold is empty"),
-    (["--speculative", "4", "--threshold", "0.3"], "--threshold route early exit; --speculative K writes the full"),
+    (["--speculative", "4", "--threshold", "0.3"], "--threshold routes early exit; --speculative K writes the full"),
     (["--speculative", "4", "--confidence", "router-kl", "--threshold", "1"], "--threshold and --confidence route"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):

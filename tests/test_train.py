@@ -177,3 +177,19 @@ def test_routers_say_when_held_out_text_runs_short_and_resume_refuses_going_back
     before = out.read_bytes()
     msg = cli_error(train.main, train.parse_args, [*argv, "--resume", "--max-iters", "3"])
     assert "is at step 6, past --max-iters 3; give --max-iters above 6" in msg and out.read_bytes() == before
+
+
+def test_resume_compares_a_flag_newer_than_the_checkpoint_with_what_the_model_has(tmp_path, capsys):
+    """A checkpoint from before --n-kv-head has no such arg: its model has one K/V head per query head."""
+    (tmp_path / "t.txt").write_text(tiny_text(7000))
+    out = tmp_path / "old.pt"
+    argv = ["--data", str(tmp_path / "t.txt"), "--out", str(out), *TINY_TRAIN, "--router-chars", "0"]
+    train.main(train.parse_args(argv))
+    ckpt = torch.load(out, weights_only=True)
+    for part in ("args", "config"):
+        del ckpt[part]["n_kv_head"]
+    torch.save(ckpt, out)
+    msg = cli_error(train.main, train.parse_args, [*argv, "--resume", "--max-iters", "8", "--n-kv-head", "1"])
+    assert "--n-kv-head 1 (it has 0) would be ignored" in msg
+    train.main(train.parse_args([*argv, "--resume", "--max-iters", "8"]))
+    assert torch.load(out, weights_only=True)["step"] == 8
