@@ -6,9 +6,11 @@ from one with the args it was trained with and its optimizer states.
 """
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -94,9 +96,21 @@ def refuse_folder(path, flag, example):
 
 
 def refuse_existing(path, overwrite, also=""):
-    """A trained model is never replaced by accident: an existing path needs --overwrite (or `also`)."""
+    """A trained model is never replaced by accident: an existing path needs --overwrite (or `also`),
+    and --overwrite replaces only a file torch.save wrote (a zip holding a data.pkl), never notes.txt."""
+    if Path(path).exists() and not saved_by_torch(path):
+        raise EEminiError(f"{path} is there and is no checkpoint, so it is not ours to replace (not even with "
+                          f"--overwrite); pass another --out, or remove {path} yourself")
     if Path(path).exists() and not overwrite:
         raise EEminiError(f"{path} already exists; {also}--out NEW.pt to keep it, or --overwrite to replace it")
+
+
+def saved_by_torch(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def check_output(path, flag, suffix):
@@ -135,6 +149,17 @@ def diverged(state):
     return not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+def digest(state):
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: saved beside the weights, it tells a
+    bit that changed on disk or in a copy, which torch.load reads without a word."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, model, vocab, **extra):
     """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically; never
     weights with a NaN or inf, which would replace a good file with a useless one."""
@@ -142,7 +167,8 @@ def save_checkpoint(path, model, vocab, **extra):
     if diverged(raw.state_dict()):
         raise EEminiError(f"training diverged (its weights hold NaN or inf), so {path} was not written; a file "
                           f"already there is kept as it was. Train again with a lower --lr (and --muon-lr)")
-    ckpt = {"format": FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": raw.state_dict(),
+    state = raw.state_dict()
+    ckpt = {"format": FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": state, "checksum": digest(state),
             "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py's cascades)
     with atomic_write(path, "wb") as f:
         torch.save(ckpt, f)
@@ -187,6 +213,10 @@ def load_checkpoint(path, device="cpu"):
     if missing:
         raise EEminiError(f"{path} has no '{missing[0]}' as eemini writes it: it is damaged or was not written by "
                           f"eemini; re-train it")
+    tensors = all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())  # else load_weights names one
+    if "checksum" in ckpt and tensors and ckpt["checksum"] != digest(ckpt["model"]):  # older files have none
+        raise EEminiError(f"{path} is damaged: its weights do not match the checksum saved with them (a bit changed "
+                          f"on disk or in a copy); re-copy it from where it came, or re-train it")
     try:
         ckpt = upgrade_v1(ckpt) if ckpt["format"] == "eemini-1" else ckpt
     except (KeyError, TypeError, ValueError) as e:

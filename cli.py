@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -38,6 +39,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, doc, **kwargs):
         super().__init__(description=doc.strip(), formatter_class=HelpFormatter, **kwargs)
+        # a value that starts like a negative number (-0.1, or a list such as -0.1,0.5) is a value, so
+        # that its own check can say what is wrong with it; argparse would take "-0.1,0.5" for a flag
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -217,22 +221,27 @@ def peak_memory(device):
 
 
 class CtrlC:
-    """The first Ctrl-C asks the loop to stop after the step it is in and save; a second one stops at
-    once (KeyboardInterrupt, as usual). Only in a single process's main thread: under torchrun the
+    """The first Ctrl-C (or SIGTERM, what a scheduler sends before it stops a job) asks the loop to stop
+    after the step it is in and save; a second one stops at once (KeyboardInterrupt, as usual; a
+    second SIGTERM ends the process). Only in a single process's main thread: under torchrun the
     processes must stop at the same step, so there Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, active):
         self.active, self.requested = active and threading.current_thread() is threading.main_thread(), False
 
     def __enter__(self):
         if self.active:
-            self.previous = signal.signal(signal.SIGINT, self.request)
+            self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
         return self
 
     def request(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def __exit__(self, *exc):
         if self.active:
-            signal.signal(signal.SIGINT, self.previous)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)

@@ -90,6 +90,19 @@ def test_ctrl_c_saves_the_run_and_resume_continues_it(data, tmp_path):
     assert ck.load_checkpoint(out)["step"] == saved["step"] + 2 and resumed is not None
 
 
+def test_sigterm_saves_the_run_like_ctrl_c_and_leaves_no_lock(data, tmp_path):
+    """What a scheduler sends before it stops a job: the step in flight finishes, the run is saved."""
+    out = tmp_path / "c.pt"
+    proc = start_train("--data", data, "--out", out, *LONG)
+    wait_for(proc, "step      3/")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and stderr.strip().splitlines()[-1] == "interrupted"
+    saved = ck.load_checkpoint(out)
+    assert f"interrupted at step {saved['step']}: saved {out}" in stdout and saved["step"] >= 3
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".lock", ".tmp"))]
+
+
 def test_stale_temp_files_of_killed_saves_are_cleaned_up(data, tmp_path, capsys):
     out = tmp_path / "c.pt"
     stale = [tmp_path / "c.pt.x1y2z3q4.tmp", tmp_path / "c.ptk9j8h7g6.tmp"]  # today's name, and the old one
@@ -127,14 +140,29 @@ def test_text_that_is_not_utf8_is_refused(tmp_path, blob):
 @pytest.mark.parametrize("script, argv, match", [
     (train, ["--lr", "nan"], "argument --lr: nan is outside"),
     (sample, ["ckpt.pt", "--temperature", "nan"], "argument --temperature: nan is outside"),
+    (sweep, ["ckpt.pt", "--thresholds", "-0.1,0.5"], "argument --thresholds: threshold -0.1 is outside [0, 1]"),
+    (train, ["--alpha", "-.5"], "argument --alpha: -.5 is outside"),
 ])
-def test_nan_flags_are_one_line(script, argv, match, capsys):
+def test_bad_numbers_are_one_line(script, argv, match, capsys):
     assert match in flag_error(script.parse_args, argv, capsys)
 
 
 def test_out_that_is_a_folder_is_refused_before_training(data, tmp_path, capsys):
     msg = cli_error(train.main, train.parse_args, ["--data", str(data), "--out", str(tmp_path), "--overwrite", *TINY_TRAIN])
     assert "is a folder" in msg and "step " not in capsys.readouterr().out
+
+
+def test_overwrite_replaces_only_a_checkpoint(data, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for argv in ([], ["--overwrite"]):
+        msg = cli_error(train.main, train.parse_args, ["--data", str(data), "--out", str(notes), *argv, *TINY_TRAIN])
+        assert "is there and is no checkpoint, so it is not ours to replace" in msg
+    assert notes.read_text() == "my notes" and "step " not in capsys.readouterr().out
+    out = tmp_path / "c.pt"
+    for seed in ("1", "2"):  # a checkpoint is replaced
+        train.main(train.parse_args(["--data", str(data), "--out", str(out), "--overwrite", "--seed", seed, *TINY_TRAIN]))
+    assert ck.load_checkpoint(out)["args"]["seed"] == 2
 
 
 def test_out_into_a_new_folder_makes_it_and_says_so(data, tmp_path, capsys):
@@ -167,7 +195,11 @@ def damaged(data, tmp_path):
     """A good checkpoint, and copies of it damaged in the ways users met."""
     out = tmp_path / "c.pt"
     train.main(train.parse_args(["--data", str(data), "--out", str(out), *TINY_TRAIN]))
-    good = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    flipped = saved["model"]["lm_head.weight"].clone()
+    flipped.view(torch.int32).view(-1)[5] ^= 1 << 20  # one bit of one weight, as a disk or a copy may change it
+    torch.save({**saved, "model": {**saved["model"], "lm_head.weight": flipped}}, tmp_path / "bit_flip.pt")
+    good = {k: v for k, v in saved.items() if k != "checksum"}  # the others as another writer (or version) made them
     shapes, no_config, short_vocab = (tmp_path / f"{n}.pt" for n in ("shapes", "no_config", "short_vocab"))
     state = dict(good["model"])
     state["transformer.wte.weight"] = state["transformer.wte.weight"][:, :8]
@@ -183,6 +215,7 @@ def damaged(data, tmp_path):
     for name, ckpt in more.items():
         torch.save(ckpt, tmp_path / f"{name}.pt")
     return {"shapes": shapes, "no_config": no_config, "short_vocab": short_vocab, "data": data,
+            "bit_flip": tmp_path / "bit_flip.pt",
             **{name: tmp_path / f"{name}.pt" for name in more}}
 
 
@@ -195,7 +228,8 @@ def test_damaged_checkpoints_are_one_line_everywhere(damaged):
                         ("nan_weights", "holds NaN or inf weights: its training diverged"),
                         ("heads", "its config does not describe a model (n_embd 16 is not divisible by n_head 5)"),
                         ("vocab_ints", "its vocabulary is not a list of characters"),
-                        ("bad_router", "its router-kl at exit 1 does not fit its model")):
+                        ("bad_router", "its router-kl at exit 1 does not fit its model"),
+                        ("bit_flip", "is damaged: its weights do not match the checksum saved with them")):
         path = str(damaged[name])
         resume = (train, ["--resume", "--out", path, "--data", str(damaged["data"]), *TINY_TRAIN])
         for script, argv in ((sweep, [path]), (sample, [path, "--max-new-tokens", "3"]), *[resume] * (name != "bad_router")):
