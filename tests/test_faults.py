@@ -76,31 +76,20 @@ def test_a_second_writer_is_refused_while_the_first_runs(data, tmp_path):
     assert ck.load_checkpoint(out)["step"] >= 1  # the first one's model is the one on disk
 
 
-def test_ctrl_c_saves_the_run_and_resume_continues_it(data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what a scheduler sends first
+def test_ctrl_c_or_sigterm_saves_the_run_and_resume_continues_it(data, tmp_path, sig):
     out = tmp_path / "c.pt"
     proc = start_train("--data", data, "--out", out, *LONG)
     wait_for(proc, "step      3/")
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and stderr.strip().splitlines()[-1] == "interrupted"
-    saved = ck.load_checkpoint(out)
-    assert f"interrupted at step {saved['step']}: saved {out}" in stdout and saved["step"] >= 3
-    resumed = train.main(train.parse_args(["--data", str(data), "--out", str(out), *TINY_TRAIN, "--resume",
-                                           "--max-iters", str(saved["step"] + 2)]))
-    assert ck.load_checkpoint(out)["step"] == saved["step"] + 2 and resumed is not None
-
-
-def test_sigterm_saves_the_run_like_ctrl_c_and_leaves_no_lock(data, tmp_path):
-    """What a scheduler sends before it stops a job: the step in flight finishes, the run is saved."""
-    out = tmp_path / "c.pt"
-    proc = start_train("--data", data, "--out", out, *LONG)
-    wait_for(proc, "step      3/")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and stderr.strip().splitlines()[-1] == "interrupted"
     saved = ck.load_checkpoint(out)
     assert f"interrupted at step {saved['step']}: saved {out}" in stdout and saved["step"] >= 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".lock", ".tmp"))]
+    resumed = train.main(train.parse_args(["--data", str(data), "--out", str(out), *TINY_TRAIN, "--resume",
+                                           "--max-iters", str(saved["step"] + 2)]))
+    assert ck.load_checkpoint(out)["step"] == saved["step"] + 2 and resumed is not None
 
 
 def test_stale_temp_files_of_killed_saves_are_cleaned_up(data, tmp_path, capsys):
