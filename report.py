@@ -143,7 +143,7 @@ def oracle_shares(fractions, budgets, ceiling):
           f"it runs every layer to know that: a reference, not a router, for what predicting that cost exactly would reach")
 
 
-MARKERS = "*+x#@%&"  # ASCII plot: one a curve; "." is the oracle frontier
+MARKERS = "*+x#@%&o=~"  # ASCII plot: one a curve (all the measures and routers there are); "." is the oracle
 
 
 def frontier_plot(series, oracle, title="PPL against Compute"):
@@ -151,6 +151,8 @@ def frontier_plot(series, oracle, title="PPL against Compute"):
     print(f"\n## {title}\n\n" + "\n".join(ascii_plot(plot)))
     legend = [f"{m} {label}" for m, (label, _) in zip(MARKERS, series)] + [". oracle frontier"]
     print("   " + ("   " if len(legend) < 4 else "\n   ").join(legend))
+    if len(series) > len(MARKERS):  # said, not dropped without a word: the tables above have them all
+        print(f"   (not drawn, one symbol short: {', '.join(label for label, _ in series[len(MARKERS):])})")
 
 
 def sweep_files(args, result, series):

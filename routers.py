@@ -3,13 +3,17 @@ Learned routers: CALM's early-exit classifier (Schuster et al. 2022, arXiv:2207.
 reads the exit layer's state and the exit's cheap confidences (max softmax, top-2 margin, entropy,
 and how little the state moved in the last layer) and says how likely the character may leave.
 
-Three labels, trained side by side, each one router an exit:
+Four labels, trained side by side, each one router an exit:
   consistency  the exit's top character is the last layer's (CALM's label)
   loss         the exit's CE is within epsilon of the last layer's (the label that fits a PPL goal)
   kl           how much CE leaving here is expected to cost: KL(last layer || exit), the loss
                difference averaged over the character that may come (as the last layer sees it)
                instead of read off the one that came, so a far less noisy target; regressed, not
                classified, and read as the confidence measure.cost_confidence(KL) = exp(-KL / 0.1)
+  gain         the realised loss difference CE_exit - CE_last itself, regressed: far noisier than
+               the KL, so it needs far more text, but signed: it can learn where the exit is the
+               better head, which a KL (never negative) cannot say; read as sigmoid(-gain / 0.1), so
+               0.5 where leaving is predicted to cost nothing, and above 0.5 where it is to pay
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
 """
@@ -24,38 +28,53 @@ from data import eval_windows, held_out
 from eemini import CONFIDENCE, EEminiError, conf_entropy, conf_margin, conf_saturation, conf_softmax
 from measure import cost_confidence, kl_divergence
 
-LABELS = ("consistency", "loss", "kl")
+LABELS = ("consistency", "loss", "kl", "gain")
+REGRESS = ("kl", "gain")  # the labels regressed (a real target), not classified
 FLOOR = 1e-3  # the kl router regresses -log(KL + FLOOR): KLs below a thousandth of a nat all look alike
 HIDDEN = 128  # the routers' MLP width
+GAIN_SCALE = 0.1  # nats: the gain router's confidence moves from 0.27 to 0.73 as its predicted gain goes -0.1 .. +0.1
 
 
 class Router(nn.Module):
     """P(the character may leave here) from the exit's state and confidences: an MLP, then sigmoid.
-    A regressing router (the kl router) has a score that regresses -log(KL + FLOOR) instead, and its
-    confidence is measure.cost_confidence of the KL it predicts."""
+    A regressing router has a score that regresses -log(KL + FLOOR) (regress "kl") or minus the loss
+    difference (regress "gain") instead. The kl router's confidence is measure.cost_confidence of the
+    KL it predicts; the gain router's is a logistic of the gain, which keeps the order of characters
+    predicted to do better at the exit (a cost clipped at 0 would tie them all at 1.0)."""
 
-    def __init__(self, n_embd, hidden=HIDDEN, regress=False):
+    def __init__(self, n_embd, hidden=HIDDEN, regress=None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_embd + 4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.regress = regress
 
-    def score(self, logits, h, h_prev):
-        cheap = torch.stack([f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)], -1)
-        x = torch.cat([F.rms_norm(h.float(), (h.size(-1),)), cheap], -1)
+    def score(self, x):  # x: features (N, C + 4)
         return self.net(x).squeeze(-1)
 
-    def forward(self, logits, h, h_prev):
-        s = self.score(logits, h, h_prev)
+    def read(self, s):
+        """The confidence a score stands for."""
         if not self.regress:
             return torch.sigmoid(s)
+        if self.regress == "gain":
+            return torch.sigmoid(s / GAIN_SCALE)
         return cost_confidence((torch.exp(-s) - FLOOR).clamp(min=0))
+
+    def forward(self, logits, h, h_prev):
+        return self.read(self.score(features(logits, h, h_prev)))
+
+
+def features(logits, h, h_prev):
+    """What a router reads of a character at an exit, (..., C + 4): the exit's state, RMS-normed, and its
+    four cheap confidences. Computed once per character, they are all a router keeps of it while it
+    learns (the logits would take 260 numbers a character)."""
+    cheap = torch.stack([f(logits, h, h_prev) for f in (conf_softmax, conf_margin, conf_entropy, conf_saturation)], -1)
+    return torch.cat([F.rms_norm(h.float(), (h.size(-1),)), cheap], -1)
 
 
 @torch.no_grad()
 def exit_examples(model, ids, batch_size=64, device="cpu"):
-    """One pass over ids: per exit, every character's (logits, state, previous state) there, and what
-    the labels are made of. {exit: (logits (N, V), h (N, C), h_prev (N, C), same (N,) bool: the exit's
-    top character is the last layer's, gain (N,): CE_exit - CE_last, kl (N,): KL(last || exit))}."""
+    """One pass over ids: per exit, what a router reads of every character there, and what the labels
+    are made of. {exit: (features (N, C + 4), same (N,) bool: the exit's top character is the last
+    layer's, gain (N,): CE_exit - CE_last, kl (N,): KL(last || exit))}."""
     model.eval()
     cfg, out = model.config, {k: [] for k in model.config.exits}
     for x, y in eval_windows(ids, cfg.block_size, batch_size):
@@ -66,28 +85,35 @@ def exit_examples(model, ids, batch_size=64, device="cpu"):
         for k in cfg.exits:
             logits = model.head(k, states[k]).float()
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            out[k].append((logits.flatten(0, 1), states[k].flatten(0, 1).float(), states[k - 1].flatten(0, 1).float(),
-                           logits.argmax(-1).flatten() == final.argmax(-1).flatten(), ce - ce_final,
-                           kl_divergence(final, logits).flatten()))
+            h, h_prev = states[k].flatten(0, 1).float(), states[k - 1].flatten(0, 1).float()
+            same = logits.argmax(-1).flatten() == final.argmax(-1).flatten()
+            out[k].append((features(logits.flatten(0, 1), h, h_prev), same, ce - ce_final, kl_divergence(final, logits).flatten()))
     return {k: [torch.cat(t) for t in zip(*rows)] for k, rows in out.items()}
 
 
 def labels(same, gain, kl, epsilon):
-    """Each router's target: 0/1 for the two classifiers, -log(KL + FLOOR) for the kl regression."""
-    return {"consistency": same.float(), "loss": (gain <= epsilon).float(), "kl": -torch.log(kl + FLOOR)}
+    """Each router's target: 0/1 for the two classifiers, -log(KL + FLOOR) and -gain for the regressions."""
+    return {"consistency": same.float(), "loss": (gain <= epsilon).float(), "kl": -torch.log(kl + FLOOR),
+            "gain": -gain}
 
 
-def fit(router, logits, h, h_prev, target, epochs=8, batch=1024, lr=3e-3, seed=0):
-    """Binary cross-entropy of router(...) against a 0/1 target, or for a regressing router the squared
-    error of its score against a real one; Adam, a few epochs."""
+def epochs_for(n, at_40k, least):
+    """Passes over n examples: at_40k up to the default --router-chars, fewer over more text (about as many
+    steps), but never fewer than `least`: a regression on two million characters still gains from 12."""
+    return at_40k if n <= 40_000 else max(least, round(at_40k * 40_000 / n))
+
+
+def fit(router, x, target, epochs=8, batch=1024, lr=3e-3, seed=0):
+    """Binary cross-entropy of the router's confidence against a 0/1 target, or for a regressing router
+    the squared error of its score against a real one, from features x (N, C + 4); Adam, a few epochs."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for i in torch.randperm(len(target), generator=gen).split(batch):
             if router.regress:
-                loss = F.mse_loss(router.score(logits[i], h[i], h_prev[i]), target[i])
+                loss = F.mse_loss(router.score(x[i]), target[i])
             else:
-                loss = F.binary_cross_entropy(router(logits[i], h[i], h_prev[i]).clamp(1e-6, 1 - 1e-6), target[i])
+                loss = F.binary_cross_entropy(router.read(router.score(x[i])).clamp(1e-6, 1 - 1e-6), target[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,15 +122,23 @@ def fit(router, logits, h, h_prev, target, epochs=8, batch=1024, lr=3e-3, seed=0
 
 def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
     """{label: {exit: Router}} learned from ids (held-out text) on the frozen model."""
-    t0, out = time.time(), {label: {} for label in LABELS}
-    for k, (logits, h, h_prev, same, gain, kl) in exit_examples(model, ids, device=device).items():
-        for label, target in labels(same, gain, kl, epsilon).items():
-            torch.manual_seed(seed + k)
-            regress = label == "kl"  # a real target: it takes longer to fit than a 0/1 one
-            router = Router(model.config.n_embd, regress=regress).to(h.device)
-            out[label][k] = fit(router, logits, h, h_prev, target, epochs=30 if regress else 8, seed=seed)
+    t0 = time.time()
+    out = fit_examples(exit_examples(model, ids, device=device), model.config.n_embd, epsilon, seed)
     print(f"routers: {', '.join(LABELS)} at exit {', '.join(map(str, model.config.exits))}, learned from "
           f"{len(ids):,} held-out characters in {time.time() - t0:.1f}s")
+    return out
+
+
+def fit_examples(examples, n_embd, epsilon=0.1, seed=0):
+    """{label: {exit: Router}} from exit_examples' {exit: (features, same, gain, kl)}."""
+    out = {label: {} for label in LABELS}
+    for k, (x, same, gain, kl) in examples.items():
+        for label, target in labels(same, gain, kl, epsilon).items():
+            torch.manual_seed(seed + k)
+            regress = label if label in REGRESS else None  # a real target takes longer to fit than a 0/1 one
+            router = Router(n_embd, regress=regress).to(x.device)
+            epochs = epochs_for(len(target), 30, 12) if regress else epochs_for(len(target), 8, 4)
+            out[label][k] = fit(router, x, target, epochs, seed=seed)
     return out
 
 
@@ -134,7 +168,7 @@ def from_checkpoint(ckpt, device="cpu"):
     for label, by_exit in (saved or {}).get("state", {}).items():
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
-            router = Router(ckpt["config"]["n_embd"], saved["hidden"], regress=label == "kl")
+            router = Router(ckpt["config"]["n_embd"], saved["hidden"], regress=label if label in REGRESS else None)
             try:
                 router.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError):

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=cli.comma_list(cli.threshold), help="exit when confidence >= this (1.0 = full "
                    "depth); one for every exit, or a comma list with one an exit (default: 0.9)")
     g.add_argument("--confidence", help=f"confidence measure: {', '.join(ee.CONFIDENCE)}, or a learned router the "
-                   "checkpoint holds (router-kl, router-loss, router-consistency) (default: softmax)")
+                   "checkpoint holds (router-kl, router-gain, router-loss, router-consistency) (default: softmax)")
     g = p.add_argument_group("self-speculative decoding")
     g.add_argument("--speculative", type=cli.number(int, 0), default=0, help="drafts of up to this many characters "
                    "(0 = off, early exit instead): the full model's text, not early exit's")

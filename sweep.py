@@ -47,7 +47,7 @@ def parse_args(argv=None):
     g.add_argument("--thresholds", type=cli.comma_list(cli.threshold), default=DEFAULT_THRESHOLDS,
                    help="thresholds to sweep, comma list in [0, 1]")
     g.add_argument("--confidence", nargs="+", default=["softmax"], help="confidence measure(s), one curve each: "
-                   f"{', '.join(ee.CONFIDENCE)}, router-kl, router-loss, router-consistency (learned, if the checkpoint "
+                   f"{', '.join(ee.CONFIDENCE)}, router-kl, router-gain, router-loss, router-consistency (learned, if the checkpoint "
                    "has them), or all")
     g.add_argument("--mode", default="masked", choices=["masked", "exit", "both"], help="masked routing "
                    "(one pass in all), true early exit (one pass a threshold), or both side by side")

@@ -138,6 +138,8 @@ def test_router_data_benchmark_refuses_to_learn_from_the_scored_text(trained):
     assert msg == "error: --skip 500 would train routers on the scored valid text; give --skip at least --val-chars (1,000)"
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--val-chars", "0", "--device", "cpu"])
     assert msg.startswith("error: --val-chars 0 scores the whole valid split")
+    msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--split", "test", "--skip", "500"])
+    assert "would train routers on the scored test text" in msg  # its stand-in text runs on into the test split
     msg = cli_error(module.main, module.parse_args, [str(trained / "ckpt.pt"), "--sizes", "10000000", "--device", "cpu"])
     assert "the longest slice here has" in msg and "give smaller sizes" in msg
 
@@ -240,7 +242,9 @@ def test_router_data_corrected_kl_recovers_a_known_line():
     logits, h, h_prev, kl = examples(4000)
     gain = kl + 0.3 - 0.5 * F.softmax(logits, -1).max(-1).values
     s_logits, s_h, s_prev, s_kl = examples(50)
-    got = module.corrected_kl({"kl": {1: s_kl}}, 1, (logits, h, h_prev, torch.ones(4000, dtype=torch.bool), gain, kl), (s_logits, s_h, s_prev), ridge=1e-9)
+    import routers
+    train = (routers.features(logits, h, h_prev), torch.ones(4000, dtype=torch.bool), gain, kl)
+    got = module.corrected_kl({"kl": {1: s_kl}}, 1, train, routers.features(s_logits, s_h, s_prev), ridge=1e-9)
     want = s_kl + 0.3 - 0.5 * F.softmax(s_logits, -1).max(-1).values
     assert torch.allclose(got, want, atol=1e-4)
 
@@ -256,3 +260,31 @@ def test_exit_gap_attention_probe_at_either_end():
     on_exited, on_previous, distance = probe(model, ids, 1.0, batch_size=4)
     assert on_exited == 0.0 and 0 < on_previous < 1 and distance > 0
     assert probe(model, ids, 0.0, batch_size=4) == [None, None, None]
+
+
+def test_router_data_saves_a_checkpoint_whose_routers_learned_from_the_stand_in_text(tmp_path, capsys):
+    """--save-routers: the same weights (and checksum), and train.py's four routers fitted, as fit_examples
+    fits them, on the stand-in slice (valid past --skip, then test past --skip), never on scored text."""
+    import checkpoint as ck
+    import routers
+    import train
+    from conftest import tiny_text
+    for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
+        (tmp_path / f"wiki.{split}.raw").write_text(tiny_text(4000, seed))
+    model_path, out = tmp_path / "m.pt", tmp_path / "m-routers.pt"
+    train.main(train.parse_args(["--data", str(tmp_path), "--out", str(model_path), *TINY_TRAIN, "--router-chars", "0"]))
+    module = load("bench/router_data.py")
+    argv = [str(model_path), "--sizes", "2500", "--seeds", "1", "--skip", "1000", "--save-routers", str(out)]
+    module.main(module.parse_args(argv))
+    assert f"wrote {out}: m.pt with routers learned from 2,496 characters of the valid, then test" in capsys.readouterr().out
+    saved, original = ck.load_checkpoint(out), ck.load_checkpoint(model_path)
+    assert saved["checksum"] == original["checksum"] and saved["routers"]["learned_from"].startswith("2,496 characters")
+    model, vocab = ck.model_from_checkpoint(original)
+    stand_in = (tiny_text(4000, 1)[1000:] + tiny_text(4000, 2)[1000:])[:2500]  # 3,000 valid characters, then test's
+    want = routers.fit_examples(routers.exit_examples(model, vocab.encode(stand_in)), 16)
+    got = routers.from_checkpoint(saved)
+    x = torch.randn(5, 20)
+    for label in routers.LABELS:
+        assert torch.equal(got[f"router-{label}"][1].score(x), want[label][1].score(x)), label
+    msg = cli_error(module.main, module.parse_args, argv)  # never over a file that is there
+    assert "is there already; give another name" in msg

@@ -24,18 +24,24 @@ def test_kl_divergence_by_hand():
 
 
 def test_examples_and_labels_of_a_toy_model():
-    """Per exit and character: the exit's logits and states, 'same top character', CE_exit - CE_last and
-    KL(last || exit) as a plain forward gives them; the three labels made from them."""
+    """Per exit and character: what a router reads (the exit's RMS-normed state, then max softmax, margin,
+    entropy and saturation), 'same top character', CE_exit - CE_last and KL(last || exit) as a plain
+    forward gives them; the four labels made from them."""
     model = make_model(n_layer=4, exits=[1, 2])
     ids = torch.randint(0, 23, (16 * 3 + 1,), generator=torch.Generator().manual_seed(0))
     ex = routers.exit_examples(model, ids, batch_size=2)
     x, y = ids[:-1].view(3, 16), ids[1:].view(3, 16)
-    logits = model(x)[0]
+    logits, states = model(x)[0], model.states(x)
     last = logits[4].flatten(0, 1)
     for k in (1, 2):
-        lg, h, h_prev, same, gain, kl = ex[k]
-        mine = logits[k].flatten(0, 1)
-        assert torch.allclose(lg, mine, atol=1e-5) and h.shape == h_prev.shape == (48, 16)
+        feats, same, gain, kl = ex[k]
+        mine, h, h_prev = logits[k].flatten(0, 1), states[k].flatten(0, 1), states[k - 1].flatten(0, 1)
+        p = F.softmax(mine, -1)
+        top2 = p.topk(2, -1).values
+        by_hand = torch.cat([h / h.pow(2).mean(-1, keepdim=True).add(torch.finfo(h.dtype).eps).sqrt(),
+                             torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], 1 + (p * p.log()).sum(-1) / math.log(23),
+                                          F.cosine_similarity(h, h_prev, dim=-1).clamp(min=0)], -1)], -1)
+        assert feats.shape == (48, 16 + 4) and torch.allclose(feats, by_hand, atol=1e-5)
         assert torch.equal(same, mine.argmax(-1) == last.argmax(-1))
         ce = lambda z: F.cross_entropy(z, y.flatten(), reduction="none")  # noqa: E731
         assert torch.allclose(gain, ce(mine) - ce(last), atol=1e-5)
@@ -43,7 +49,7 @@ def test_examples_and_labels_of_a_toy_model():
         assert torch.allclose(kl, (p_last * (p_last.log() - F.log_softmax(mine, -1))).sum(-1), atol=1e-5)
         got = routers.labels(same, gain, kl, epsilon=0.1)
         assert torch.equal(got["consistency"], same.float()) and torch.equal(got["loss"], (gain <= 0.1).float())
-        assert torch.allclose(got["kl"], -torch.log(kl + routers.FLOOR))
+        assert torch.allclose(got["kl"], -torch.log(kl + routers.FLOOR)) and torch.equal(got["gain"], -gain)
 
 
 def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
@@ -53,14 +59,34 @@ def test_the_kl_router_regresses_its_score_and_reads_its_cost_as_a_confidence():
     torch.manual_seed(0)
     logits, h = torch.randn(2000, 7) * 2, torch.randn(2000, 8)
     target = -torch.log(1 - F.softmax(logits, -1).amax(-1) + routers.FLOOR)  # a cost that falls as confidence rises
-    router = routers.Router(8, hidden=16, regress=True)
-    before = F.mse_loss(router.score(logits, h, h), target).item()
-    routers.fit(router, logits, h, h, target, epochs=30, batch=256, lr=1e-2)
-    after = F.mse_loss(router.score(logits, h, h), target).item()
+    router = routers.Router(8, hidden=16, regress="kl")
+    x = routers.features(logits, h, h)
+    before = F.mse_loss(router.score(x), target).item()
+    routers.fit(router, x, target, epochs=30, batch=256, lr=1e-2)
+    after = F.mse_loss(router.score(x), target).item()
     assert after < before / 10
-    kl = (torch.exp(-router.score(logits, h, h)) - routers.FLOOR).clamp(min=0)
+    kl = (torch.exp(-router.score(x)) - routers.FLOOR).clamp(min=0)
     assert torch.allclose(router(logits, h, h), torch.exp(-kl / 0.1))
     assert measure.cost_confidence(torch.tensor(0.1 * math.log(1 / 0.9))).item() == pytest.approx(0.9)
+
+
+def test_the_gain_router_reads_a_predicted_loss_difference_as_a_logistic():
+    """The gain router's score stands for minus CE_exit - CE_last: a predicted difference d reads as
+    sigmoid(-d / 0.1), 0.5 at no difference, and characters predicted to do better at the exit keep
+    their order instead of all reading 1.0."""
+    router = routers.Router(4, hidden=8, regress="gain")
+    logits, h = torch.randn(6, 5), torch.randn(6, 4)
+    with torch.no_grad():
+        router.net[2].weight.zero_()
+        for bias, want in ((0.0, 0.5), (-0.05, 1 / (1 + math.exp(0.5))), (0.3, 1 / (1 + math.exp(-3))), (0.6, 1 / (1 + math.exp(-6)))):
+            router.net[2].bias.fill_(bias)  # the score, whatever the input: minus the predicted difference
+            assert torch.allclose(router(logits, h, h), torch.full((6,), want))
+
+
+def test_routers_pass_over_more_text_fewer_times_but_never_under_a_floor():
+    """As many steps past the default 40,000 characters, but never fewer passes than `least`."""
+    assert [routers.epochs_for(n, 30, 12) for n in (97, 39_936, 80_000, 200_000, 2_000_000)] == [30, 30, 15, 12, 12]
+    assert [routers.epochs_for(n, 8, 4) for n in (39_936, 60_000, 2_000_000)] == [8, 5, 4]
 
 
 def test_routers_come_back_from_the_checkpoint_as_they_were_fitted():
@@ -72,7 +98,8 @@ def test_routers_come_back_from_the_checkpoint_as_they_were_fitted():
     fitted = routers.fit_routers(model, ids)
     saved = {"config": {"n_embd": 16}, "routers": routers.to_checkpoint(fitted, 0.1)}
     loaded = routers.from_checkpoint(saved)
-    assert set(loaded) == {"router-consistency", "router-loss", "router-kl"} and loaded["router-kl"][1].regress
+    assert set(loaded) == {"router-consistency", "router-loss", "router-kl", "router-gain"}
+    assert loaded["router-kl"][1].regress == "kl" and loaded["router-gain"][1].regress == "gain"
     logits, h, h_prev = torch.randn(5, 23), torch.randn(5, 16), torch.randn(5, 16)
     for label in routers.LABELS:
         assert torch.equal(loaded[f"router-{label}"][1](logits, h, h_prev), fitted[label][1](logits, h, h_prev))

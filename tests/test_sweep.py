@@ -230,10 +230,10 @@ def routed(tmp_path_factory):
 
 
 def test_learned_routers_are_measures_like_the_others(routed, capsys):
-    assert set(ck.load_checkpoint(routed)["routers"]["state"]) == {"consistency", "loss", "kl"}
+    assert set(ck.load_checkpoint(routed)["routers"]["state"]) == {"consistency", "loss", "kl", "gain"}
     res = run_sweep(routed, "--confidence", "all", "--mode", "both", "--thresholds", "0,0.5,1")
     printed = capsys.readouterr().out
-    assert {r["confidence"] for r in res["rows"]} == {*ee.CONFIDENCE, "router-consistency", "router-loss", "router-kl"}
+    assert {r["confidence"] for r in res["rows"]} == {*ee.CONFIDENCE, "router-consistency", "router-loss", "router-kl", "router-gain"}
     for r in res["rows"]:
         if r["threshold"] in (0, 1):  # the endpoints do not depend on the measure
             assert r["shallow"] == (100.0 if r["threshold"] == 0 else 0.0)
@@ -371,3 +371,15 @@ def test_sample_generates_with_a_learned_router(routed, capsys):
     assert f"exited at layer 1: {100 * (depths == 1).float().mean().item():.1f}%" in printed
     msg = cli_error(sample.main, sample.parse_args, [str(routed), "--confidence", "router-x", "--max-new-tokens", "5"])
     assert "no confidence measure 'router-x'" in msg and "router-loss" in msg
+
+
+def test_the_ascii_plot_draws_every_measure_or_says_which_it_could_not(capsys):
+    import report
+    oracle = [{"compute": 100.0, "ppl": 5.0}, {"compute": 50.0, "ppl": 5.5}]
+    series = [(f"m{i} (masked)", [(100.0 - i, 5.0 + 0.05 * i)]) for i in range(len(report.MARKERS) + 2)]
+    report.frontier_plot(series[:8], oracle)  # every measure and router of --confidence all
+    legend = capsys.readouterr().out.split("Compute (%)")[1]
+    assert all(f"{m} m{i} (masked)" in legend for i, m in enumerate(report.MARKERS[:8])) and "not drawn" not in legend
+    report.frontier_plot(series, oracle)
+    n = len(report.MARKERS)
+    assert f"(not drawn, one symbol short: m{n} (masked), m{n + 1} (masked))" in capsys.readouterr().out
