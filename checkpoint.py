@@ -164,10 +164,10 @@ def save_checkpoint(path, model, vocab, **extra):
     """Write config, state dict, vocab and extra (args, step, metrics, optimizer...) atomically; never
     weights with a NaN or inf, which would replace a good file with a useless one."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; DDP callers pass .module
-    if diverged(raw.state_dict()):
+    state = raw.state_dict()
+    if diverged(state):
         raise EEminiError(f"training diverged (its weights hold NaN or inf), so {path} was not written; a file "
                           f"already there is kept as it was. Train again with a lower --lr (and --muon-lr)")
-    state = raw.state_dict()
     ckpt = {"format": FORMAT, "kind": "gpt", "config": asdict(raw.config), "model": state, "checksum": digest(state),
             "vocab": vocab.itos, **extra}  # extra may set another kind (exit_classifier.py's cascades)
     with atomic_write(path, "wb") as f:
@@ -213,7 +213,7 @@ def load_checkpoint(path, device="cpu"):
     if missing:
         raise EEminiError(f"{path} has no '{missing[0]}' as eemini writes it: it is damaged or was not written by "
                           f"eemini; re-train it")
-    tensors = all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())  # else load_weights names one
+    tensors = isinstance(ckpt["model"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())
     if "checksum" in ckpt and tensors and ckpt["checksum"] != digest(ckpt["model"]):  # older files have none
         raise EEminiError(f"{path} is damaged: its weights do not match the checksum saved with them (a bit changed "
                           f"on disk or in a copy); re-copy it from where it came, or re-train it")

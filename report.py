@@ -152,7 +152,7 @@ def frontier_plot(series, oracle, title="PPL against Compute"):
     legend = [f"{m} {label}" for m, (label, _) in zip(MARKERS, series)] + [". oracle frontier"]
     print("   " + ("   " if len(legend) < 4 else "\n   ").join(legend))
     if len(series) > len(MARKERS):  # said, not dropped without a word: the tables above have them all
-        print(f"   (not drawn, one symbol short: {', '.join(label for label, _ in series[len(MARKERS):])})")
+        print(f"   (not drawn, no symbol left: {', '.join(label for label, _ in series[len(MARKERS):])})")
 
 
 def sweep_files(args, result, series):

@@ -32,7 +32,7 @@ LABELS = ("consistency", "loss", "kl", "gain")
 REGRESS = ("kl", "gain")  # the labels regressed (a real target), not classified
 FLOOR = 1e-3  # the kl router regresses -log(KL + FLOOR): KLs below a thousandth of a nat all look alike
 HIDDEN = 128  # the routers' MLP width
-GAIN_SCALE = 0.1  # nats: the gain router's confidence moves from 0.27 to 0.73 as its predicted gain goes -0.1 .. +0.1
+GAIN_SCALE = 0.1  # nats: the gain router's confidence goes from 0.27 to 0.73 as its predicted CE_exit - CE_last goes +0.1 .. -0.1
 
 
 class Router(nn.Module):

@@ -11,7 +11,7 @@ Two more rows, on the held-out train slice: the kl router reading the previous c
 features beside its own, and the true KL corrected by a line fitted to the realised loss difference (a
 reference, like the KL itself: it runs every layer). The loss-difference router is train.py's
 router-gain, the KL one its router-kl. --save-routers OUT.pt writes a copy of the checkpoint whose
-routers (train.py's four) learned from the stand-in slice, the largest of --sizes, so that sweep.py
+routers (train.py's four) learned from the stand-in slice, the largest of --sizes it holds, so that sweep.py
 can calibrate them on valid and show them on test, as routers from that much held-out training text
 would be.
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--skip", type=cli.number(int, 0), default=200_000, help="valid (and test) characters left out before "
                    "the stand-in slices begin (must be at least --val-chars, the scored part)")
     p.add_argument("--save-routers", metavar="OUT.pt", help="also write a copy of the checkpoint whose routers "
-                   "learned from the stand-in slice (the largest of --sizes; never scored text)")
+                   "learned from the stand-in slice (the largest of --sizes it holds; never scored text)")
     cli.add_eval_batch_size(p)
     cli.add_device(p)
     return p.parse_args(argv)
@@ -109,13 +109,16 @@ def main(args):
     oracle, full, k = measure.Oracle(stats, cfg), measure.ppl(stats["ce"][cfg.n_layer]), cfg.exits[0]
     scored = learned.exit_examples(model, ids, args.eval_batch_size, device)[k][0]  # the same tokens as stats
     slices = [("train split, held out", held_out(data, trained.get("train_chars", 0), max(args.sizes), vocab))]
-    splits = ("valid", "test") if Path(data).is_dir() else ("valid",)  # one text file has no test split
-    stand_in = "".join(read_split(data, split)[0][args.skip :] for split in splits)[: max(args.sizes)]
-    slices.append(("valid, then test split, past --skip", vocab.encode(stand_in)))
+    stand_in = read_split(data, "valid")[0][args.skip :]
+    if len(stand_in) < max(args.sizes) and Path(data).is_dir():  # one text file has no test split
+        stand_in += read_split(data, "test")[0][args.skip :]
+    slices.append(("valid, then test split, past --skip", vocab.encode(stand_in[: max(args.sizes)])))
     longest = max(len(text) for _, text in slices)
     if min(args.sizes) > longest:  # no sized row at all: say so rather than print the reference rows alone
         raise EEminiError(f"--sizes {','.join(map(str, args.sizes))}: the longest slice here has {longest:,} "
                           f"characters (held-out train text, and valid and test past --skip {args.skip:,}); give smaller sizes")
+    if args.save_routers and min(args.sizes) > len(slices[-1][1]):
+        raise EEminiError(f"--save-routers: no --sizes fits the stand-in text ({len(slices[-1][1]):,} characters)")
     rows = [["(every layer run) KL itself", "", *map(spread, zip(share(stats, cfg, -stats["kl"][k], oracle, full)))]]
     first = slices[0][1][: min(args.sizes)]  # none when the model trained on the whole train split
     if len(first) > cfg.block_size:
@@ -125,7 +128,7 @@ def main(args):
         shares = []  # the kl router reading [own, previous] features: 2 (C + 4) wide
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            router = learned.Router(2 * cfg.n_embd + 4, regress="kl").to(held[0].device)
+            router = learned.Router(2 * cfg.n_embd + 4, regress="kl").to(held[0].device)  # reads 2C + 8 numbers
             learned.fit(router, with_previous(held[0]), -torch.log(held[3] + learned.FLOOR), epochs=30, seed=seed)
             shares.append(share(stats, cfg, router.score(with_previous(scored)).cpu(), oracle, full))
         rows.append(["log KL, with the previous character's features, train split, held out", f"{len(held[0]):,}",
@@ -134,20 +137,19 @@ def main(args):
     for where, text in slices:
         for n in sorted(n for n in args.sizes if n <= len(text)):
             x, same, gain, kl = learned.exit_examples(model, text[:n], args.eval_batch_size, device)[k]
-            kept = (x, same, gain, kl) if where == slices[-1][0] else kept
-            for target, regress, y in (("log KL", "kl", -torch.log(kl + learned.FLOOR)), ("loss difference", "gain", -gain)):
+            kept = (x, same, gain, kl) if text is slices[-1][1] else kept
+            targets = learned.labels(same, gain, kl, epsilon=0.1)
+            for target, regress in (("log KL", "kl"), ("loss difference", "gain")):
                 shares = []
                 for seed in range(args.seeds):
                     torch.manual_seed(seed)
                     router = learned.Router(cfg.n_embd, regress=regress).to(x.device)
-                    learned.fit(router, x, y, epochs=learned.epochs_for(n, 30, 12), seed=seed)
+                    learned.fit(router, x, targets[regress], epochs=learned.epochs_for(n, 30, 12), seed=seed)
                     shares.append(share(stats, cfg, router.score(scored).cpu(), oracle, full))
                 rows.append([f"{target}, {where}", f"{len(x):,}", *map(spread, zip(*shares))])
                 print(f"  {rows[-1][0]}: {rows[-1][1]} characters, {rows[-1][2]} at +1%", file=sys.stderr, flush=True)
     print("\n".join(md(["Router target, learned from", "Characters", "Share of oracle (+1%)", "Share (+2%)"], rows)))
     print(f"scored on {source}; full depth PPL {full:.3f}; each share the mean over {args.seeds} seeds (lowest-highest)")
-    if args.save_routers and kept is None:
-        raise EEminiError(f"--save-routers: no --sizes fits the stand-in text ({len(slices[-1][1]):,} characters)")
     if args.save_routers:
         epsilon = trained.get("router_epsilon", 0.1)
         save_routers(ckpt, learned.fit_examples({k: kept}, cfg.n_embd, epsilon), epsilon,

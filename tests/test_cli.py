@@ -274,13 +274,13 @@ def test_router_data_saves_a_checkpoint_whose_routers_learned_from_the_stand_in_
     model_path, out = tmp_path / "m.pt", tmp_path / "m-routers.pt"
     train.main(train.parse_args(["--data", str(tmp_path), "--out", str(model_path), *TINY_TRAIN, "--router-chars", "0"]))
     module = load("bench/router_data.py")
-    argv = [str(model_path), "--sizes", "2500", "--seeds", "1", "--skip", "1000", "--save-routers", str(out)]
+    argv = [str(model_path), "--sizes", "3500", "--seeds", "1", "--skip", "1000", "--save-routers", str(out)]
     module.main(module.parse_args(argv))
-    assert f"wrote {out}: m.pt with routers learned from 2,496 characters of the valid, then test" in capsys.readouterr().out
+    assert f"wrote {out}: m.pt with routers learned from 3,488 characters of the valid, then test" in capsys.readouterr().out
     saved, original = ck.load_checkpoint(out), ck.load_checkpoint(model_path)
-    assert saved["checksum"] == original["checksum"] and saved["routers"]["learned_from"].startswith("2,496 characters")
+    assert saved["checksum"] == original["checksum"] and saved["routers"]["learned_from"].startswith("3,488 characters")
     model, vocab = ck.model_from_checkpoint(original)
-    stand_in = (tiny_text(4000, 1)[1000:] + tiny_text(4000, 2)[1000:])[:2500]  # 3,000 valid characters, then test's
+    stand_in = (tiny_text(4000, 1)[1000:] + tiny_text(4000, 2)[1000:])[:3500]  # 3,000 valid characters, then test's
     want = routers.fit_examples(routers.exit_examples(model, vocab.encode(stand_in)), 16)
     got = routers.from_checkpoint(saved)
     x = torch.randn(5, 20)

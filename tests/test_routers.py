@@ -106,6 +106,9 @@ def test_routers_come_back_from_the_checkpoint_as_they_were_fitted():
     old = {label: {"1": routers.Router(16, hidden=64).state_dict()} for label in ("consistency", "loss")}
     before = routers.from_checkpoint({"config": {"n_embd": 16}, "routers": {"epsilon": 0.1, "hidden": 64, "state": old}})
     assert set(before) == {"router-consistency", "router-loss"}
+    three = {**old, "kl": {"1": routers.Router(16, hidden=64).state_dict()}}  # before the gain router
+    loaded = routers.from_checkpoint({"config": {"n_embd": 16}, "routers": {"epsilon": 0.1, "hidden": 64, "state": three}})
+    assert set(loaded) == {"router-consistency", "router-loss", "router-kl"} and loaded["router-kl"][1].regress == "kl"
     assert 0 < before["router-loss"][1](logits, h, h_prev).min() <= before["router-loss"][1](logits, h, h_prev).max() < 1
 
 

@@ -382,4 +382,4 @@ def test_the_ascii_plot_draws_every_measure_or_says_which_it_could_not(capsys):
     assert all(f"{m} m{i} (masked)" in legend for i, m in enumerate(report.MARKERS[:8])) and "not drawn" not in legend
     report.frontier_plot(series, oracle)
     n = len(report.MARKERS)
-    assert f"(not drawn, one symbol short: m{n} (masked), m{n + 1} (masked))" in capsys.readouterr().out
+    assert f"(not drawn, no symbol left: m{n} (masked), m{n + 1} (masked))" in capsys.readouterr().out
