@@ -99,8 +99,8 @@ def refuse_existing(path, overwrite, also=""):
     """A trained model is never replaced by accident: an existing path needs --overwrite (or `also`),
     and --overwrite replaces only a file torch.save wrote (a zip holding a data.pkl), never notes.txt."""
     if Path(path).exists() and not saved_by_torch(path):
-        raise EEminiError(f"{path} is there and is no checkpoint, so it is not ours to replace (not even with "
-                          f"--overwrite); pass another --out, or remove {path} yourself")
+        raise EEminiError(f"{path} is there and is no checkpoint (another kind of file, or a damaged one), so it is "
+                          f"not ours to replace, not even with --overwrite; pass another --out, or remove {path} yourself")
     if Path(path).exists() and not overwrite:
         raise EEminiError(f"{path} already exists; {also}--out NEW.pt to keep it, or --overwrite to replace it")
 

@@ -146,7 +146,7 @@ def test_overwrite_replaces_only_a_checkpoint(data, tmp_path, capsys):
     notes.write_text("my notes")
     for argv in ([], ["--overwrite"]):
         msg = cli_error(train.main, train.parse_args, ["--data", str(data), "--out", str(notes), *argv, *TINY_TRAIN])
-        assert "is there and is no checkpoint, so it is not ours to replace" in msg
+        assert "is there and is no checkpoint (another kind of file, or a damaged one), so it is not ours" in msg
     assert notes.read_text() == "my notes" and "step " not in capsys.readouterr().out
     out = tmp_path / "c.pt"
     for seed in ("1", "2"):  # a checkpoint is replaced
