@@ -199,14 +199,17 @@ class Stats:
 
 
 @torch.inference_mode()
-def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None):
+def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, top_k=None, generator=None, stop=0.0):
     """max_new_tokens characters after idx (B, T), each distributed exactly as model.generate at full
-    depth would draw it, from drafts of up to k characters by the exit after layer draft_exit.
-    Returns the ids (B, T + max_new_tokens), made under torch.inference_mode as generate's are, and a
-    Stats."""
+    depth would draw it, from drafts of up to k characters by the exit after layer draft_exit. stop:
+    a cycle drafts no further once the rows' mean chance that all their drafts so far are accepted,
+    by the drafter's own reckoning, falls below it (0: always k; see draft). Returns the ids
+    (B, T + max_new_tokens), made under torch.inference_mode as generate's are, and a Stats."""
     cfg = model.config
     if draft_exit not in cfg.exits:
         raise EEminiError(f"layer {draft_exit} has no exit head to draft with; the model's exits are {cfg.exits}")
+    if not 0.0 <= stop <= 1.0:  # also refuses NaN
+        raise EEminiError(f"draft stop {stop} is outside [0, 1]; 0 always drafts k characters, 1 stops at the first unsure one")
     target = idx.size(1) + max_new_tokens
     spare = min(k, cfg.block_size - 1)  # a row at its window's end may compute every draft past it
     rows, cache, starts = [r.tolist() for r in idx], new_cache(cfg.n_layer, spare), [None] * idx.size(0)
@@ -223,12 +226,12 @@ def speculative(model, idx, max_new_tokens, draft_exit, k=4, temperature=1.0, to
                 c.keep(torch.tensor(keep, device=idx.device))
         refill(model, cache, rows, starts)
         drafted, accepted = cycle(model, cache, rows, starts, draft_exit, min(k, target - min(map(len, rows)) - 1),
-                                  temperature, top_k, generator)
+                                  temperature, top_k, generator, stop)
         stats.cycles, stats.row_cycles, stats.drafted = stats.cycles + 1, stats.row_cycles + len(rows), stats.drafted + drafted
         stats.accepted, stats.emitted = stats.accepted + int(accepted.sum()), stats.emitted + int(accepted.sum()) + len(rows)
 
 
-def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None):
+def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generator=None, stop=0.0):
     """One draft-verify cycle over every row: each row gains its accepted drafts and one character
     from the full model, and every layer's cache keeps just those. Rows draft together, as far as
     the row with most room in its window may and the cache's spare slots allow; a row keeps only
@@ -241,7 +244,8 @@ def cycle(model, cache, rows, starts, e, k, temperature=1.0, top_k=None, generat
     start = torch.tensor(starts, device=device)  # where each row's context window begins
     room = start + cfg.block_size - n  # drafts that stay in each row's window
     steps = min(k, int(room.max()), int(room.min()) + cache[0].spare)  # past a row's window: in the spare slots
-    drafts, q, states = draft(model, cache, cur, steps, e, temperature, top_k, generator)
+    drafts, q, states = draft(model, cache, cur, steps, e, temperature, top_k, generator, stop)
+    steps = len(drafts)  # fewer when the drafter stopped early
     x = model.embed(drafts[-1] if drafts else cur, in_context(cache[0].length, cfg.block_size))  # the newest ...
     for i in range(e):
         x = blocks[i](x, None, cache[i])  # ... through layers 1..e
@@ -264,19 +268,28 @@ def in_context(length, block_size):
     return length if isinstance(length, int) else length.clamp(max=block_size - 1)
 
 
-def draft(model, cache, cur, steps, e, temperature, top_k, generator):
-    """`steps` characters from the exit after layer e, one at a time: each input goes through layers
-    1..e (its K/V into the cache) and its state there is kept for verification. Returns the drafts
-    [(B, 1)], their distributions q [(B, V)] and the kept states [(B, 1, C)]."""
+def draft(model, cache, cur, steps, e, temperature, top_k, generator, stop=0.0):
+    """Up to `steps` characters from the exit after layer e, one at a time: each input goes through
+    layers 1..e (its K/V into the cache) and its state there is kept for verification. Drafting stops
+    early once the rows' mean of P(d_1) ... P(d_i) (P the exit's softmax), the drafter's own odds that
+    every draft so far survives verification, falls below `stop`: a draft past a likely refusal costs a step and widens
+    the verify pass, for little. Which drafts are made never changes what is emitted, only how fast.
+    Returns the drafts [(B, 1)], their distributions q [(B, V)] and the kept states [(B, 1, C)]."""
     drafts, q, states, x_in = [], [], [], cur
+    alive = torch.ones(cur.size(0), device=cur.device)  # per row: the product of P(d_i) so far
     for _ in range(steps):
+        if stop and drafts and alive.mean() < stop:
+            break
         x = model.embed(x_in, in_context(cache[0].length, model.config.block_size))
         for i, block in enumerate(model.transformer.h[:e]):
             x = block(x, None, cache[i])
         states.append(x)
-        q.append(token_probs(model.head(e, x[:, -1]), temperature, top_k))
+        logits = model.head(e, x[:, -1])
+        q.append(token_probs(logits, temperature, top_k))
         x_in = torch.multinomial(q[-1], 1, generator=generator) if temperature else q[-1].argmax(-1, keepdim=True)
         drafts.append(x_in)
+        if stop:  # the exit's own probability of its draft (q itself is one-hot when greedy)
+            alive = alive * F.softmax(logits.float(), dim=-1).gather(1, x_in).squeeze(1)
     return drafts, q, states
 
 

@@ -47,14 +47,18 @@ def parse_args(argv=None):
                    "(0 = off, early exit instead): the full model's text, not early exit's")
     g.add_argument("--draft-exit", type=cli.number(int, 1), default=None, help="the exit that drafts (default: the "
                    "first trained exit)")
+    g.add_argument("--draft-stop", type=cli.number(float, 0.0, 1.0), default=0.0, help="stop a cycle's drafting once "
+                   "the drafter's own odds that all its drafts so far are accepted fall below this (0 = always draft "
+                   "K; the text is the same either way, only the speed moves)")
     cli.add_device(p.add_argument_group("device"))
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("--prompt is empty; give at least one character")
     if args.threshold == []:
         p.error("--threshold is empty")
-    if args.draft_exit is not None and not args.speculative:
-        p.error("--draft-exit picks the exit that drafts for --speculative K; give --speculative too")
+    for flag, value in (("--draft-exit", args.draft_exit), ("--draft-stop", args.draft_stop or None)):
+        if value is not None and not args.speculative:
+            p.error(f"{flag} tunes the drafts of --speculative K; give --speculative too")
     routing = [f for f, v in (("--threshold", args.threshold), ("--confidence", args.confidence)) if v is not None]
     if args.speculative and routing:  # it would be ignored: the text is the full model's
         p.error(f"{' and '.join(routing)} {'route' if len(routing) > 1 else 'routes'} early exit; --speculative K "
@@ -104,8 +108,8 @@ def main(args):
     t0 = time.perf_counter()
     with cli.autocast(device):
         if args.speculative:
-            ids, stats = decode.speculative(model, prompt, args.max_new_tokens, draft,
-                                              args.speculative, args.temperature, args.top_k or None, gen)
+            ids, stats = decode.speculative(model, prompt, args.max_new_tokens, draft, args.speculative,
+                                            args.temperature, args.top_k or None, gen, args.draft_stop)
             depths = torch.full((args.num_samples, args.max_new_tokens), cfg.n_layer)
         else:
             ids, depths = decode.generate(model, prompt, args.max_new_tokens, threshold, args.temperature,
@@ -119,7 +123,8 @@ def main(args):
         print("-" * 60)
     speed = f"{depths.numel():,} characters in {dt:.2f}s = {depths.numel() / dt:,.0f} tok/s"
     if args.speculative:
-        print(f"{speed} | self-speculative, drafts of up to {args.speculative} by the exit after layer "
+        stop = f" (stop {args.draft_stop:g})" if args.draft_stop else ""
+        print(f"{speed} | self-speculative, drafts of up to {args.speculative}{stop} by the exit after layer "
               f"{draft}: {100 * stats.acceptance:.1f}% accepted, {stats.per_cycle:.2f} "
               f"characters a full-model pass")
         return

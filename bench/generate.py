@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help="speculative drafts to try; the fastest (with the best draft exit) is timed")
     p.add_argument("--draft-exits", type=cli.comma_list(cli.number(int, 1)), default=[],
                    help="exits to try drafting with, comma list (default: every trained exit)")
+    p.add_argument("--draft-stops", type=cli.comma_list(cli.number(float, 0.0, 1.0), empty=False), default=[0.0],
+                   help="draft stops to try, comma list (decode.draft: a cycle stops drafting once the rows' mean odds "
+                        "that all their drafts survive fall below it; 0 always drafts K)")
     cli.add_device(p)
     return p.parse_args(argv)
 
@@ -56,18 +59,20 @@ def timed(fn, device):
 
 def methods(model, tau, spec):
     """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy."""
-    e, k = spec
+    e, k, stop = spec
+    spec_name = f"self-speculative (exit {e}, K={k}{f', stop {stop:g}' if stop else ''})"
     return {"full depth": lambda x, n: decode.generate(model, x, n, None, temperature=0),
             "confidence exit (per row)": lambda x, n: decode.generate(model, x, n, tau, temperature=0),
             "CALM batch rule": lambda x, n: decode.generate(model, x, n, tau, temperature=0, whole_batch=True),
-            f"self-speculative (exit {e}, K={k})": lambda x, n: decode.speculative(model, x, n, e, k, temperature=0)}
+            spec_name: lambda x, n: decode.speculative(model, x, n, e, k, temperature=0, stop=stop)}
 
 
-def fastest_draft(model, prompt, new, exits, lengths, device):
-    """The (draft exit, K) with the most tokens/s, the best of two short runs each (chosen before the
-    timed rounds; one run alone let a noisy moment pick a slow draft)."""
-    runs = {(e, k): min(timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0), device)[0]
-                        for _ in range(2)) for e in exits for k in lengths}
+def fastest_draft(model, prompt, new, exits, lengths, stops, device):
+    """The (draft exit, K, stop) with the most tokens/s, the best of two short runs each (chosen before
+    the timed rounds; one run alone let a noisy moment pick a slow draft)."""
+    runs = {(e, k, s): min(timed(lambda: decode.speculative(model, prompt, new // 2, e, k, temperature=0, stop=s),
+                                 device)[0] for _ in range(2))
+            for e in exits for k in lengths for s in stops}
     return min(runs, key=runs.get)
 
 
@@ -123,7 +128,7 @@ def main(args):
     costs = {}
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
-        spec = fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, device)
+        spec = fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, args.draft_stops, device)
         runs = methods(model, tau_at, spec)
         secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up

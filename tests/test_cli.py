@@ -58,13 +58,13 @@ def test_sweep_sample_and_benchmarks_run_on_it(trained):
     code, out, err = run("bench/sweep_speed.py", ckpt, "--repeats", "1")
     assert code == 0 and "ratio" in out, err
     code, out, err = run("bench/generate.py", ckpt, "--batch-sizes", "1,2", "--rounds", "1", "--new-tokens", "8",
-                         "--draft-lengths", "2")
+                         "--draft-lengths", "2", "--draft-stops", "0.99")
     lines = [line.split(" | ") for line in out.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
     rows, costs = [c[:2] for c in lines if len(c) == 7], [c for c in lines if len(c) == 3]  # the two tables
     assert code == 0 and len(rows) == 8 and "OUTPUT DIFFERS" not in out, err
     assert "| batch | n = 1 | n = 3 |" in out and len(costs) == 2 and all(c[1].endswith("(1.0x)") for c in costs)
     assert [m for _, m in rows[:4]] == ["full depth", "confidence exit (per row)", "CALM batch rule",
-                                        "self-speculative (exit 1, K=2)"]
+                                        "self-speculative (exit 1, K=2, stop 0.99)"]
     code, out, err = run("bench/train_step.py", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size",
                          "4", "--steps", "1", "--rounds", "1")
     assert code == 0 and "step-time ratio" in out, err

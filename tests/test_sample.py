@@ -71,6 +71,8 @@ def test_an_untrained_exit_at_threshold_one_does_not_stop_the_others(tmp_path, c
     (["--threshold", ""], "--threshold is empty"),
     (["--speculative", "4", "--threshold", "0.3"], "--threshold routes early exit; --speculative K writes the full"),
     (["--speculative", "4", "--confidence", "router-kl", "--threshold", "1"], "--threshold and --confidence route"),
+    (["--draft-stop", "0.5"], "--draft-stop tunes the drafts of --speculative K; give --speculative too"),
+    (["--speculative", "4", "--draft-stop", "1.5"], "argument --draft-stop: 1.5 is outside"),
 ])
 def test_bad_flags_give_one_line(argv, match, capsys):
     assert match in flag_error(sample.parse_args, ["ckpt.pt", *argv], capsys)
@@ -86,6 +88,9 @@ def test_speculative_gives_the_full_models_greedy_text(ckpts, capsys):
     assert printed.split("-" * 60)[0] == full and "accepted" in printed and "characters a full-model pass" in printed
     sample.main(sample.parse_args([*argv, "--speculative", "40"]))  # drafts longer than the context of 16: cut to fit
     assert capsys.readouterr().out.split("-" * 60)[0] == full
+    sample.main(sample.parse_args([*argv, "--speculative", "6", "--draft-stop", "0.5"]))
+    printed = capsys.readouterr().out
+    assert printed.split("-" * 60)[0] == full and "drafts of up to 6 (stop 0.5) by the exit" in printed
 
 
 def test_one_threshold_per_exit(tmp_path, capsys):

@@ -125,17 +125,21 @@ def chi_square_p(counts, probs):
     return torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(stat / 2)).item()
 
 
-def test_sampling_draws_the_full_models_distribution():
+@pytest.mark.parametrize("stop", [0.0, 0.5])
+def test_sampling_draws_the_full_models_distribution(stop):
     """6000 rows sample their next two characters by speculative decoding (a random, poor draft:
     many refusals); the counts fit the full model's exact joint distribution, and do not fit the
-    draft's own (what a broken acceptance rule would give)."""
+    draft's own (what a broken acceptance rule would give). Three characters are asked for, so that
+    a cycle may draft two; with stop 0.5 the first cycle stops after one draft (the rows' mean odds
+    of the first fall below it), and the distribution is still the full model's."""
     torch.manual_seed(0)
     model = model64(vocab_size=5, n_layer=3, exits=[1])
     prompt = torch.tensor([[1, 3, 0]])
-    ids, stats = decode.speculative(model, prompt.repeat(6000, 1), 2, 1, 2, 1.0,
-                                      generator=torch.Generator().manual_seed(1))
+    ids, stats = decode.speculative(model, prompt.repeat(6000, 1), 3, 1, 2, 1.0,
+                                      generator=torch.Generator().manual_seed(1), stop=stop)
+    assert (stats.drafted <= 2 * 6000) == bool(stop)  # two drafts a row in the first cycle, or one
     counts = torch.zeros(5, 5, dtype=torch.float64)
-    for a, b in ids[:, 3:].tolist():
+    for a, b in ids[:, 3:5].tolist():
         counts[a, b] += 1
     exact = exact_two_characters(model, prompt, 1.0)
     assert 0.2 < stats.acceptance < 0.9
@@ -149,6 +153,49 @@ def test_chi_square_p_value_on_a_known_case():
     assert chi_square_p(torch.tensor([50.0, 50.0], dtype=torch.float64), probs) == pytest.approx(1.0)
     # 60/40 of 100: statistic 4 on 1 degree of freedom, p = 0.0455
     assert chi_square_p(torch.tensor([60.0, 40.0], dtype=torch.float64), probs) == pytest.approx(0.0455, abs=1e-3)
+
+
+@pytest.mark.parametrize("stop", [0.3, 0.9, 1.0])
+def test_a_draft_stop_changes_the_speed_not_the_text(stop):
+    """Stopping drafts early, across context refills and rows that accept at their own pace: the
+    full model's greedy text still, from fewer drafts, each more often accepted."""
+    model = model64()
+    prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(4))
+    want, _ = decode.generate(model, prompt, 60, threshold=1.0, temperature=0)
+    _, always = decode.speculative(model, prompt, 60, 1, 6, temperature=0)
+    got, stats = decode.speculative(model, prompt, 60, 1, 6, temperature=0, stop=stop)
+    assert torch.equal(got, want)
+    assert stats.drafted < always.drafted and stats.acceptance > always.acceptance
+
+
+def test_drafting_stops_where_the_drafters_odds_fall_below_the_stop():
+    """draft() against a hand count: the rows' mean of the running product of the exit's probability of
+    each draft; a stop between two of those means cuts the drafts right after the first below it,
+    and the drafts made are the same ones (the same random draws, in order)."""
+    model = model64()
+    prompt = torch.randint(0, 23, (3, 6), generator=torch.Generator().manual_seed(5))
+
+    @torch.inference_mode()
+    def drafts_with(stop):
+        cache = decode.new_cache(model.config.n_layer)
+        model.forward_exit(prompt[:, :-1], None, cache=cache)
+        return decode.draft(model, cache, prompt[:, -1:], 8, 1, 1.0, None, torch.Generator().manual_seed(0), stop)
+
+    drafts, q, _ = drafts_with(0.0)
+    assert len(drafts) == 8
+    odds = torch.stack([qi.gather(1, d).squeeze(1) for qi, d in zip(q, drafts)], 1).cumprod(1).mean(0)  # (8,)
+    assert (odds[1:] < odds[:-1]).all()
+    for n in range(2, 8):  # between the odds after n - 1 drafts and after n: n drafts, then it stops
+        stop = (odds[n - 2] + odds[n - 1]).item() / 2
+        got, _, _ = drafts_with(stop)
+        assert [d.tolist() for d in got] == [d.tolist() for d in drafts[:n]]
+    assert len(drafts_with(1.0)[0]) == 1 and len(drafts_with(odds[-1].item() / 2)[0]) == 8
+
+
+def test_refuses_a_draft_stop_outside_zero_to_one():
+    for stop in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ee.EEminiError, match=f"draft stop {stop} is outside"):
+            decode.speculative(model64(), torch.zeros(1, 2, dtype=torch.long), 5, 1, 2, stop=stop)
 
 
 def test_refuses_a_layer_without_an_exit_head():
