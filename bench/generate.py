@@ -8,6 +8,7 @@ Beside each: how much exits (or is accepted), the layer-count speedup, and the P
     python bench/generate.py ckpt.pt --data ../shared/data/wikitext-2
     python bench/generate.py big.pt --batch-sizes 1,16,128 --new-tokens 200
     python bench/generate.py big.pt --batch-sizes 1 --route-exits 2    # confidence exit through exit 2 alone
+    python bench/generate.py big.pt --batch-sizes 16 --draft-exits 1 --draft-lengths 6 --draft-stops 0,0.2 --every-draft
 """
 
 import statistics
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-stops", type=cli.comma_list(cli.number(float, 0.0, 1.0), empty=False), default=[0.0],
                    help="draft stops to try, comma list (decode.draft: a cycle stops drafting once the rows' mean odds "
                         "that all their drafts survive fall below it; 0 always drafts K)")
+    p.add_argument("--every-draft", action="store_true", help="time every draft exit, length and stop side by side "
+                   "in the rounds, not only the fastest of a short trial")
     cli.add_device(p)
     return p.parse_args(argv)
 
@@ -57,14 +60,16 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def methods(model, tau, spec):
-    """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy."""
-    e, k, stop = spec
-    spec_name = f"self-speculative (exit {e}, K={k}{f', stop {stop:g}' if stop else ''})"
-    return {"full depth": lambda x, n: decode.generate(model, x, n, None, temperature=0),
+def methods(model, tau, specs):
+    """{name: generate(prompt, n) -> (ids, depths or Stats)}, greedy; one speculative method for each
+    (draft exit, K, stop) in specs."""
+    runs = {"full depth": lambda x, n: decode.generate(model, x, n, None, temperature=0),
             "confidence exit (per row)": lambda x, n: decode.generate(model, x, n, tau, temperature=0),
-            "CALM batch rule": lambda x, n: decode.generate(model, x, n, tau, temperature=0, whole_batch=True),
-            spec_name: lambda x, n: decode.speculative(model, x, n, e, k, temperature=0, stop=stop)}
+            "CALM batch rule": lambda x, n: decode.generate(model, x, n, tau, temperature=0, whole_batch=True)}
+    for e, k, stop in specs:
+        name = f"self-speculative (exit {e}, K={k}{f', stop {stop:g}' if stop else ''})"
+        runs[name] = lambda x, n, e=e, k=k, stop=stop: decode.speculative(model, x, n, e, k, temperature=0, stop=stop)
+    return runs
 
 
 def fastest_draft(model, prompt, new, exits, lengths, stops, device):
@@ -128,15 +133,18 @@ def main(args):
     costs = {}
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
-        spec = fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, args.draft_stops, device)
-        runs = methods(model, tau_at, spec)
+        if args.every_draft:
+            specs = [(e, k, s) for e in exits for k in args.draft_lengths for s in args.draft_stops]
+        else:
+            specs = [fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, args.draft_stops, device)]
+        runs = methods(model, tau_at, specs)
         secs, outs = {m: [] for m in runs}, {}
         for r in range(args.rounds + 1):  # round 0 warms up
             for name, fn in runs.items():
                 t, outs[name] = timed(lambda: fn(prompt, args.new_tokens), device)
                 if r:
                     secs[name].append(t)
-        same = torch.equal(outs["full depth"][0], outs[next(n for n in runs if n.startswith("self"))][0])
+        same = {n: torch.equal(outs["full depth"][0], outs[n][0]) for n in runs if n.startswith("self")}
         costs[bs] = layer_cost(model, prompt, [1, *(k + 1 for k in args.draft_lengths if k < cfg.block_size - 1)], device)
         base = statistics.median(secs["full depth"])
         for name in runs:
@@ -144,7 +152,7 @@ def main(args):
             extra = outs[name][1]
             if isinstance(extra, decode.Stats):
                 shown = f"{100 * extra.acceptance:.0f}% accepted, {extra.per_cycle:.2f} chars/pass"
-                layer, cost = "—", "0 (output identical)" if same else "OUTPUT DIFFERS"
+                layer, cost = "—", "0 (output identical)" if same[name] else "OUTPUT DIFFERS"
             elif name == "full depth":
                 shown, layer, cost = "—", "1.00x", "—"
             else:
