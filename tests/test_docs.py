@@ -71,3 +71,17 @@ def test_a_slow_block_keeps_a_checkpoint_trained_before(tmp_path, monkeypatch, c
     readme.write_text("<!-- output: again -->\n" + block)
     with pytest.raises(EEminiError, match="train.py --data nowhere --out k.pt` failed"):
         docs.main(docs.parse_args(["--readme", str(readme)]))
+
+
+@pytest.mark.parametrize("cpu, exact, preset, want", [
+    ("AVX512", True, None, "avx2"),  # the README's figures were made with AVX2's kernels
+    ("AVX512", False, None, None),  # timings keep the machine's own
+    ("AVX2", True, None, None),  # nothing to change
+    ("AVX512", True, "default", "default"),  # the caller's choice stands
+])
+def test_exact_blocks_run_with_avx2_kernels(monkeypatch, cpu, exact, preset, want):
+    monkeypatch.setattr(docs.torch.backends.cpu, "get_cpu_capability", lambda: cpu)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    if preset:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", preset)
+    assert docs.kernels(exact).get("ATEN_CPU_CAPABILITY") == want
