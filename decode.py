@@ -271,14 +271,15 @@ def in_context(length, block_size):
 def draft(model, cache, cur, steps, e, temperature, top_k, generator, stop=0.0):
     """Up to `steps` characters from the exit after layer e, one at a time: each input goes through
     layers 1..e (its K/V into the cache) and its state there is kept for verification. Drafting stops
-    early once the rows' mean of P(d_1) ... P(d_i) (P the exit's softmax), the drafter's own odds that
-    every draft so far survives verification, falls below `stop`: a draft past a likely refusal costs a step and widens
-    the verify pass, for little. Which drafts are made never changes what is emitted, only how fast.
+    early once the rows' mean of P(d_1) ... P(d_i) (P the exit's softmax at temperature 1), the drafter's
+    own odds that every draft so far survives verification, falls below `stop`: a draft past a likely
+    refusal costs a step and widens the verify pass, for little. How many drafts are made never changes
+    the distribution of what is emitted (greedy: the text itself), only how fast.
     Returns the drafts [(B, 1)], their distributions q [(B, V)] and the kept states [(B, 1, C)]."""
     drafts, q, states, x_in = [], [], [], cur
     alive = torch.ones(cur.size(0), device=cur.device)  # per row: the product of P(d_i) so far
     for _ in range(steps):
-        if stop and drafts and alive.mean() < stop:
+        if stop and drafts and alive.mean() < stop:  # (a host sync a draft step, on a GPU; only with a stop)
             break
         x = model.embed(x_in, in_context(cache[0].length, model.config.block_size))
         for i, block in enumerate(model.transformer.h[:e]):

@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    "first trained exit)")
     g.add_argument("--draft-stop", type=cli.number(float, 0.0, 1.0), default=0.0, help="stop a cycle's drafting once "
                    "the drafter's own odds that all its drafts so far are accepted fall below this (0 = always draft "
-                   "K; the text is the same either way, only the speed moves)")
+                   "K; greedy text is the same, sampled text keeps its distribution; only the speed moves)")
     cli.add_device(p.add_argument_group("device"))
     args = p.parse_args(argv)
     if not args.prompt:

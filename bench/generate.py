@@ -134,7 +134,7 @@ def main(args):
     for bs in args.batch_sizes:
         prompt = torch.stack([val[s : s + 32] for s in (torch.arange(bs) * 32 % (len(val) - 32)).tolist()]).to(device)
         if args.every_draft:
-            specs = [(e, k, s) for e in exits for k in args.draft_lengths for s in args.draft_stops]
+            specs = list(dict.fromkeys((e, k, s) for e in exits for k in args.draft_lengths for s in args.draft_stops))
         else:
             specs = [fastest_draft(model, prompt, args.new_tokens, exits, args.draft_lengths, args.draft_stops, device)]
         runs = methods(model, tau_at, specs)

@@ -88,9 +88,12 @@ def test_speculative_gives_the_full_models_greedy_text(ckpts, capsys):
     assert printed.split("-" * 60)[0] == full and "accepted" in printed and "characters a full-model pass" in printed
     sample.main(sample.parse_args([*argv, "--speculative", "40"]))  # drafts longer than the context of 16: cut to fit
     assert capsys.readouterr().out.split("-" * 60)[0] == full
+    sample.main(sample.parse_args([*argv, "--speculative", "6"]))
+    always = capsys.readouterr().out.split(" accepted, ")[1]
     sample.main(sample.parse_args([*argv, "--speculative", "6", "--draft-stop", "0.5"]))
     printed = capsys.readouterr().out
     assert printed.split("-" * 60)[0] == full and "drafts of up to 6 (stop 0.5) by the exit" in printed
+    assert printed.split(" accepted, ")[1] != always  # the stop reached the decoder: fewer characters a pass
 
 
 def test_one_threshold_per_exit(tmp_path, capsys):

