@@ -83,16 +83,17 @@ def kv_layers(depth, n_layer):
     return (after.clamp(max=n_layer) - depth).clamp(min=0)
 
 
-def flops_percent(depth, cfg, context=None, checked=None):
+def flops_percent(depth, cfg, context=None, checked=None, router=None):
     """FLOPs of this routing under true early exit, as % of a plain n_layer GPT with one head.
     Counts what Compute% hides: every exit head a token reaches (of the exits `checked`, default all:
-    one at threshold 1.0 computes none), and the K/V an exited token still computes in the layers
+    one at threshold 1.0 computes none), with the learned router there if the routing asks one
+    (router: {exit: its FLOPs a token}), and the K/V an exited token still computes in the layers
     above its exit that later tokens of its window reach.
     depth: (..., T) with windows along the last dimension."""
     layer, head, kv = flops_per_token(cfg, context)
-    L, d = cfg.n_layer, depth.double()
-    heads = sum((d >= k).double() for k in (cfg.exits if checked is None else checked)) + (d == L).double()
-    cost = d * layer + heads * head + kv_layers(d, L) * kv
+    L, d, router = cfg.n_layer, depth.double(), router or {}
+    exits = sum((d >= k).double() * (head + router.get(k, 0)) for k in (cfg.exits if checked is None else checked))
+    cost = d * layer + exits + (d == L).double() * head + kv_layers(d, L) * kv
     return 100.0 * cost.mean().item() / (L * layer + head)
 
 
@@ -128,7 +129,14 @@ def token_stats(model, data, batch_size=64, device="cpu", routers=None, stride=0
                 conf[m].setdefault(k, []).append(fn(lg, states[k], states[k - 1]).flatten()[keep].cpu())
     cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
     return {"ce": cat(ce), "top": cat(top), "conf": {m: cat(c) for m, c in conf.items()}, "kl": cat(kl),
-            "target": torch.cat(target), "window": stride or cfg.block_size}
+            "target": torch.cat(target), "window": stride or cfg.block_size,
+            "router_flops": {m: router_flops(r) for m, r in (routers or {}).items()}}
+
+
+def router_flops(confidence):
+    """{exit: FLOPs a token} of a learned router ({exit: Router}); {} for a built-in measure, whose
+    arithmetic on the exit's logits is a rounding error beside the head's."""
+    return {k: r.flops() for k, r in confidence.items()} if isinstance(confidence, dict) else {}
 
 
 def cost_confidence(kl, scale=0.1):  # scale: the loss router's default epsilon
@@ -170,16 +178,17 @@ def routed_metrics(stats, threshold, cfg, confidence="softmax"):
     """PPL, Shallow%, Compute%, FLOPs% of the masked router at one threshold, from token_stats."""
     depth = routed_depth(stats, threshold, cfg, confidence)
     ce = read_off(stats, "ce", depth, cfg)
-    return summarize(ce, depth, cfg, threshold, stats["window"])
+    return summarize(ce, depth, cfg, threshold, stats["window"], stats.get("router_flops", {}).get(confidence))
 
 
-def summarize(ce, depth, cfg, threshold, window=None):
+def summarize(ce, depth, cfg, threshold, window=None, router=None):
     """One row of a results table from per-token CE and exit depth (tokens in whole windows of
-    `window`, by default the model's block_size)."""
+    `window`, by default the model's block_size); router: the learned router's FLOPs, see flops_percent."""
     return {"threshold": threshold, "ppl": ppl(ce),
             "shallow": 100.0 * (depth < cfg.n_layer).float().mean().item(),
             "compute": compute_percent(depth, cfg.n_layer),
-            "flops": flops_percent(depth.view(-1, window or cfg.block_size), cfg, checked=checked_exits(threshold, cfg.exits))}
+            "flops": flops_percent(depth.view(-1, window or cfg.block_size), cfg, checked=checked_exits(threshold, cfg.exits),
+                                   router=router)}
 
 
 @torch.no_grad()
@@ -195,7 +204,7 @@ def exit_metrics(model, data, threshold, batch_size=64, device="cpu", confidence
         keep = (y != -100).flatten()
         ce.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu()[keep])
         depth.append(d.flatten().cpu()[keep])
-    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold, stride or None)
+    return summarize(torch.cat(ce), torch.cat(depth), model.config, threshold, stride or None, router_flops(confidence))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +342,8 @@ def window_rows(stats, cfg, thresholds, confidence="softmax", how="mean"):
     for t in thresholds:
         depth = window_depth(stats, t, cfg, confidence, how)
         ce = read_off(stats, "ce", depth, cfg)
-        rows.append({"confidence": f"{confidence} (window {how})", **summarize(ce, depth, cfg, t, stats["window"])})
+        rows.append({"confidence": f"{confidence} (window {how})",
+                     **summarize(ce, depth, cfg, t, stats["window"], stats.get("router_flops", {}).get(confidence))})
     return rows
 
 

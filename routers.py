@@ -16,6 +16,9 @@ Four labels, trained side by side, each one router an exit:
                0.5 where leaving is predicted to cost nothing, and above 0.5 where it is to pay
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
+The gain router is the mean of MEMBERS["gain"] MLPs fitted from different seeds: one MLP fitted to so noisy a
+target is as much seed as signal, and the mean of five is the better router by far (bench/router_data.py).
+The mean of E MLPs of width H is itself one MLP, E*H wide (merge), so it is stored and run as one.
 """
 
 import time
@@ -32,6 +35,7 @@ LABELS = ("consistency", "loss", "kl", "gain")
 REGRESS = ("kl", "gain")  # the labels regressed (a real target), not classified
 FLOOR = 1e-3  # the kl router regresses -log(KL + FLOOR): KLs below a thousandth of a nat all look alike
 HIDDEN = 128  # the routers' MLP width
+MEMBERS = {"gain": 5}  # MLPs averaged into one router, by label (the others: 1)
 GAIN_SCALE = 0.1  # nats: the gain router's confidence goes from 0.27 to 0.73 as its predicted CE_exit - CE_last goes +0.1 .. -0.1
 
 
@@ -57,6 +61,11 @@ class Router(nn.Module):
         if self.regress == "gain":
             return torch.sigmoid(s / GAIN_SCALE)
         return cost_confidence((torch.exp(-s) - FLOOR).clamp(min=0))
+
+    def flops(self):
+        """Forward FLOPs a character (2 a multiply-add): its two layers' products, as measure.flops_percent
+        charges them at the exit."""
+        return 2 * sum(lin.in_features * lin.out_features for lin in (self.net[0], self.net[2]))
 
     def forward(self, logits, h, h_prev):
         return self.read(self.score(features(logits, h, h_prev)))
@@ -120,6 +129,32 @@ def fit(router, x, target, epochs=8, batch=1024, lr=3e-3, seed=0):
     return router.eval().requires_grad_(False)
 
 
+def merge(members):
+    """One router whose score is the mean of the members' scores: their hidden units side by side (first
+    layers stacked), each member's output weights divided by their number, the mean of their biases."""
+    first, last = zip(*[(r.net[0], r.net[2]) for r in members])
+    out = Router(first[0].in_features - 4, sum(f.out_features for f in first), members[0].regress)
+    with torch.no_grad():
+        out.net[0].weight.copy_(torch.cat([f.weight for f in first]))
+        out.net[0].bias.copy_(torch.cat([f.bias for f in first]))
+        out.net[2].weight.copy_(torch.cat([w.weight for w in last], 1) / len(members))
+        out.net[2].bias.copy_(torch.stack([w.bias for w in last]).mean(0))
+    return out.to(first[0].weight.device).eval().requires_grad_(False)
+
+
+def fit_label(label, x, target, n_embd, seed=0, init=None, members=None):
+    """The router of one label from features x and its target: MEMBERS[label] MLPs (or `members`), each from its own seeds
+    (member m: weights drawn from init + 1000 m, init defaulting to seed; examples shuffled by seed + 1000 m),
+    merged into one."""
+    regress = label if label in REGRESS else None  # a real target takes longer to fit than a 0/1 one
+    epochs = epochs_for(len(target), 30, 12) if regress else epochs_for(len(target), 8, 4)
+    fitted = []
+    for m in range(members or MEMBERS.get(label, 1)):
+        torch.manual_seed((seed if init is None else init) + 1000 * m)
+        fitted.append(fit(Router(n_embd, regress=regress).to(x.device), x, target, epochs, seed=seed + 1000 * m))
+    return fitted[0] if len(fitted) == 1 else merge(fitted)
+
+
 def fit_routers(model, ids, epsilon=0.1, device="cpu", seed=0):
     """{label: {exit: Router}} learned from ids (held-out text) on the frozen model."""
     t0 = time.time()
@@ -134,11 +169,7 @@ def fit_examples(examples, n_embd, epsilon=0.1, seed=0):
     out = {label: {} for label in LABELS}
     for k, (x, same, gain, kl) in examples.items():
         for label, target in labels(same, gain, kl, epsilon).items():
-            torch.manual_seed(seed + k)
-            regress = label if label in REGRESS else None  # a real target takes longer to fit than a 0/1 one
-            router = Router(n_embd, regress=regress).to(x.device)
-            epochs = epochs_for(len(target), 30, 12) if regress else epochs_for(len(target), 8, 4)
-            out[label][k] = fit(router, x, target, epochs, seed=seed)
+            out[label][k] = fit_label(label, x, target, n_embd, seed, init=seed + k)
     return out
 
 
@@ -158,7 +189,8 @@ def fit_held_out(model, data, train_chars, chars, vocab, epsilon=0.1, device="cp
 
 def to_checkpoint(routers, epsilon):
     """The routers as plain tensors, for the checkpoint."""
-    return {"epsilon": epsilon, "hidden": HIDDEN,
+    return {"epsilon": epsilon, "hidden": {label: next(iter(by_exit.values())).net[0].out_features
+                                           for label, by_exit in routers.items() if by_exit},
             "state": {label: {str(k): r.state_dict() for k, r in by_exit.items()} for label, by_exit in routers.items()}}
 
 
@@ -168,10 +200,11 @@ def from_checkpoint(ckpt, device="cpu"):
     for label, by_exit in (saved or {}).get("state", {}).items():
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
-            router = Router(ckpt["config"]["n_embd"], saved["hidden"], regress=label if label in REGRESS else None)
             try:
+                width = saved["hidden"] if isinstance(saved["hidden"], int) else saved["hidden"][label]  # int: before ensembles
+                router = Router(ckpt["config"]["n_embd"], width, regress=label if label in REGRESS else None)
                 router.load_state_dict(state)
-            except (RuntimeError, TypeError, AttributeError):
+            except (RuntimeError, TypeError, AttributeError, KeyError):
                 raise EEminiError(f"{ckpt.get('path', 'the checkpoint')}: its router-{label} at exit {k} does not fit "
                                   f"its model; the checkpoint is damaged, re-train it") from None
             out[f"router-{label}"][int(k)] = router.to(device).eval().requires_grad_(False)

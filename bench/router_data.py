@@ -9,8 +9,9 @@ for held-out training text with the valid split after --skip characters, well pa
 scored, and then the test split after --skip; sweep.py's routers never see valid or test text.
 Two more rows, on the held-out train slice: the kl router reading the previous character's
 features beside its own, and the true KL corrected by a line fitted to the realised loss difference (a
-reference, like the KL itself: it runs every layer). The loss-difference router is train.py's
-router-gain, the KL one its router-kl. --save-routers OUT.pt writes a copy of the checkpoint whose
+reference, like the KL itself: it runs every layer). The loss difference is learned twice: by one MLP,
+and by the mean of routers.MEMBERS["gain"] MLPs from different seeds, which is train.py's router-gain; the
+KL router is its router-kl. --save-routers OUT.pt writes a copy of the checkpoint whose
 routers (train.py's four) learned from the stand-in slice, the largest of --sizes it holds, so that sweep.py
 can calibrate them on valid and show them on test, as routers from that much held-out training text
 would be.
@@ -139,12 +140,12 @@ def main(args):
             x, same, gain, kl = learned.exit_examples(model, text[:n], args.eval_batch_size, device)[k]
             kept = (x, same, gain, kl) if text is slices[-1][1] else kept
             targets = learned.labels(same, gain, kl, epsilon=0.1)
-            for target, regress in (("log KL", "kl"), ("loss difference", "gain")):
+            gain_members = learned.MEMBERS["gain"]
+            for target, regress, members in (("log KL", "kl", 1), ("loss difference, one MLP", "gain", 1),
+                                             (f"loss difference, mean of {gain_members} MLPs", "gain", gain_members)):
                 shares = []
                 for seed in range(args.seeds):
-                    torch.manual_seed(seed)
-                    router = learned.Router(cfg.n_embd, regress=regress).to(x.device)
-                    learned.fit(router, x, targets[regress], epochs=learned.epochs_for(n, 30, 12), seed=seed)
+                    router = learned.fit_label(regress, x, targets[regress], cfg.n_embd, seed, members=members)
                     shares.append(share(stats, cfg, router.score(scored).cpu(), oracle, full))
                 rows.append([f"{target}, {where}", f"{len(x):,}", *map(spread, zip(*shares))])
                 print(f"  {rows[-1][0]}: {rows[-1][1]} characters, {rows[-1][2]} at +1%", file=sys.stderr, flush=True)

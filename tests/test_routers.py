@@ -130,3 +130,73 @@ def test_router_data_benchmark_reads_a_perfect_order_as_the_oracle_and_a_reverse
     cfg, oracle, full = model.config, measure.Oracle(stats, model.config), measure.ppl(stats["ce"][3])
     assert all(s >= 0.99 for s in bench.share(stats, cfg, -gain, oracle, full))
     assert all(s < 0.05 for s in bench.share(stats, cfg, gain, oracle, full))
+
+
+def test_a_merged_router_scores_the_mean_of_its_members_and_costs_their_sum(monkeypatch):
+    """merge: one router E*H wide whose score is the members' mean score; fit_label fits MEMBERS of the
+    gain router, member m from seeds seed + 1000 m, so it equals the members fitted one by one and merged.
+    A router's FLOPs are its two products, 2 a multiply-add."""
+    torch.manual_seed(0)
+    x, target = torch.randn(300, 8 + 4), torch.randn(300)
+    members = []
+    for m in range(3):
+        torch.manual_seed(7 + 1000 * m)
+        members.append(routers.fit(routers.Router(8, hidden=16, regress="gain"), x, target, epochs=2, seed=7 + 1000 * m))
+    merged = routers.merge(members)
+    assert merged.net[0].out_features == 48 and merged.regress == "gain"
+    want = torch.stack([r.score(x) for r in members]).mean(0)
+    assert torch.allclose(merged.score(x), want, atol=1e-5)
+    assert torch.allclose(merged.read(merged.score(x)), torch.sigmoid(want / routers.GAIN_SCALE), atol=1e-5)
+    assert members[0].flops() == 2 * (12 * 16 + 16 * 1) and merged.flops() == 3 * members[0].flops()
+    monkeypatch.setitem(routers.MEMBERS, "gain", 3)
+    by_label = routers.fit_label("gain", x, target, 8, seed=7)
+    assert by_label.net[0].out_features == 3 * routers.HIDDEN
+    again = []  # the same members by hand: 30 passes over 300 examples (epochs_for), HIDDEN wide
+    for m in range(3):
+        torch.manual_seed(7 + 1000 * m)
+        again.append(routers.fit(routers.Router(8, regress="gain"), x, target, epochs=30, seed=7 + 1000 * m))
+    assert torch.allclose(by_label.score(x), routers.merge(again).score(x), atol=1e-5)
+    assert routers.fit_label("kl", x, target, 8).net[0].out_features == routers.HIDDEN  # one MLP, as before
+    one = routers.fit_label("gain", x, target, 8, seed=7, members=1)  # bench/router_data.py's single-MLP row
+    assert torch.equal(one.score(x), again[0].score(x))
+
+
+def test_checkpoints_keep_each_labels_width_and_a_missing_one_is_a_damaged_checkpoint():
+    """to_checkpoint stores every label's width (the gain router is MEMBERS["gain"] times as wide);
+    a width that is not there is a clear error, not a KeyError."""
+    model = make_model()
+    ids = torch.randint(0, 23, (16 * 6 + 1,), generator=torch.Generator().manual_seed(1))
+    saved = routers.to_checkpoint(routers.fit_routers(model, ids), 0.1)
+    assert saved["hidden"] == {"consistency": routers.HIDDEN, "loss": routers.HIDDEN, "kl": routers.HIDDEN,
+                               "gain": routers.MEMBERS["gain"] * routers.HIDDEN}
+    routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
+    del saved["hidden"]["gain"]
+    with pytest.raises(routers.EEminiError, match="router-gain at exit 1 does not fit its model"):
+        routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
+
+
+def test_flops_charge_a_learned_router_at_the_exits_a_token_reaches():
+    """flops_percent adds the router's FLOPs wherever a token reaches an exit that is checked (by hand);
+    the masked rows and true early exit charge a learned router, not a built-in measure."""
+    model = make_model(n_layer=4, exits=[1, 2])
+    cfg = model.config
+    layer, head, kv = measure.flops_per_token(cfg)
+    full = 4 * layer + head
+    depth = torch.tensor([[1, 2, 4, 4]])
+    plain = measure.flops_percent(depth, cfg)
+    charged = measure.flops_percent(depth, cfg, router={1: 100.0, 2: 1000.0})
+    assert charged - plain == pytest.approx(100 * (4 * 100 + 3 * 1000) / 4 / full)
+    assert measure.flops_percent(depth, cfg, checked=[2], router={1: 100.0, 2: 1000.0}) - measure.flops_percent(
+        depth, cfg, checked=[2]) == pytest.approx(100 * 3 * 1000 / 4 / full)
+    one = make_model()
+    r = routers.Router(16, hidden=8, regress="kl")
+    ids = torch.randint(0, 23, (16 * 4 + 1,), generator=torch.Generator().manual_seed(2))
+    stats = measure.token_stats(one, ids, routers={"router-kl": {1: r}})
+    assert stats["router_flops"] == {"router-kl": {1: r.flops()}}
+    layer, head, kv = measure.flops_per_token(one.config)
+    masked = measure.routed_metrics(stats, 0.0, one.config, "router-kl")  # everyone leaves at exit 1
+    assert masked["flops"] - measure.routed_metrics(stats, 0.0, one.config, "softmax")["flops"] == pytest.approx(
+        100 * r.flops() / (3 * layer + head))
+    t = stats["conf"]["router-kl"][1].median().item()  # about half leave: one exit, so true exit routes alike
+    true = measure.exit_metrics(one, ids, t, confidence={1: r})
+    assert true["flops"] == pytest.approx(measure.routed_metrics(stats, t, one.config, "router-kl")["flops"])

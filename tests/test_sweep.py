@@ -238,6 +238,8 @@ def test_learned_routers_are_measures_like_the_others(routed, capsys):
         if r["threshold"] in (0, 1):  # the endpoints do not depend on the measure
             assert r["shallow"] == (100.0 if r["threshold"] == 0 else 0.0)
             assert r["exit_ppl"] == pytest.approx(r["ppl"], rel=1e-5)
+    at0 = {r["confidence"]: r["flops"] for r in res["rows"] if r["threshold"] == 0}  # all leave at the exit
+    assert at0["router-gain"] > at0["router-kl"] > at0["softmax"] == at0["margin"]  # the gain router: 5 MLPs
     assert "## Against the oracle" in printed and "| router-loss |" in printed
     assert set(res["oracle_share"]["router-loss"]) == {"+1%", "+2%"}
     assert "| ceiling: KL to the last layer |" in printed and sweep.CEILING in res["oracle_share"]
