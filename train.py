@@ -91,7 +91,7 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=cli.threshold, default=0.9, help="confidence threshold for the routed eval")
     g.add_argument("--router-chars", type=cli.number(int, 0), default=40_000, help="held-out training characters "
                    "(after --train-chars) to fit the learned routers on at the end (0 = no routers); router-gain "
-                   "needs a million or more (README: Routers that approach the oracle)")
+                   "needs 600,000 or more (README: Routers that approach the oracle)")
     g.add_argument("--router-epsilon", type=cli.number(float, 0.0), default=0.1, help="the loss router's label: the "
                    "exit's CE within this many nats of the last layer's")
     g = p.add_argument_group("optimisation")
