@@ -134,9 +134,11 @@ def token_stats(model, data, batch_size=64, device="cpu", routers=None, stride=0
 
 
 def router_flops(confidence):
-    """{exit: FLOPs a token} of a learned router ({exit: Router}); {} for a built-in measure, whose
-    arithmetic on the exit's logits is a rounding error beside the head's."""
-    return {k: r.flops() for k, r in confidence.items()} if isinstance(confidence, dict) else {}
+    """{exit: FLOPs a token} of a learned router ({exit: Router}; another module there is charged nothing);
+    {} for a built-in measure, whose arithmetic on the exit's logits is a rounding error beside the head's."""
+    if not isinstance(confidence, dict):
+        return {}
+    return {k: r.flops() if hasattr(r, "flops") else 0 for k, r in confidence.items()}
 
 
 def cost_confidence(kl, scale=0.1):  # scale: the loss router's default epsilon

@@ -95,7 +95,7 @@ def seed_tables(layers, rows, full, shallow, exit_row, cfg):
     for r in rows:
         print(f"| {r['threshold']:.2f} | {r['ppl']:.3f} | {r['shallow']:.1f}% | {r['compute']:.1f}% | {r['flops']:.1f}% |")
     print("\nper-layer val PPL: " + "  ".join(f"L{k} {p:.3f}" for k, p in layers.items()))
-    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, and "
+    print("FLOPs% = forward FLOPs under true early exit vs a plain GPT with one head (counts exit heads, learned routers, and "
           "exited tokens' K/V where later tokens need it)")
 
 

@@ -17,7 +17,8 @@ Four labels, trained side by side, each one router an exit:
 Routers learn on text the model never trained on (the training split after --train-chars), on the
 frozen model, in seconds; they are saved in the checkpoint and used wherever a confidence is.
 The gain router is the mean of MEMBERS["gain"] MLPs fitted from different seeds: one MLP fitted to so noisy a
-target is as much seed as signal, and the mean of five is the better router by far (bench/router_data.py).
+target is as much seed as signal, and from 200,000 characters on the mean of five is much the better router
+(bench/router_data.py).
 The mean of E MLPs of width H is itself one MLP, E*H wide (merge), so it is stored and run as one.
 """
 
@@ -64,7 +65,7 @@ class Router(nn.Module):
 
     def flops(self):
         """Forward FLOPs a character (2 a multiply-add): its two layers' products, as measure.flops_percent
-        charges them at the exit."""
+        charges them at the exit (not the features it reads: a norm and four confidences, a few thousand)."""
         return 2 * sum(lin.in_features * lin.out_features for lin in (self.net[0], self.net[2]))
 
     def forward(self, logits, h, h_prev):

@@ -162,11 +162,19 @@ def test_a_merged_router_scores_the_mean_of_its_members_and_costs_their_sum(monk
 
 
 def test_checkpoints_keep_each_labels_width_and_a_missing_one_is_a_damaged_checkpoint():
-    """to_checkpoint stores every label's width (the gain router is MEMBERS["gain"] times as wide);
-    a width that is not there is a clear error, not a KeyError."""
+    """fit_routers' gain router is its members fitted by hand from the stated seeds, merged; to_checkpoint
+    stores every label's width (the gain router is MEMBERS["gain"] times as wide); a width that is not
+    there is a clear error, not a KeyError."""
     model = make_model()
     ids = torch.randint(0, 23, (16 * 6 + 1,), generator=torch.Generator().manual_seed(1))
-    saved = routers.to_checkpoint(routers.fit_routers(model, ids), 0.1)
+    fitted = routers.fit_routers(model, ids)
+    x, same, gain, kl = routers.exit_examples(model, ids)[1]
+    members = []  # fit_routers' gain router at exit 1, by hand: weights from seed 0 + exit 1 + 1000 m, order 0 + 1000 m
+    for m in range(routers.MEMBERS["gain"]):
+        torch.manual_seed(1 + 1000 * m)
+        members.append(routers.fit(routers.Router(16, regress="gain"), x, -gain, epochs=30, seed=1000 * m))
+    assert torch.allclose(fitted["gain"][1].score(x), routers.merge(members).score(x), atol=1e-5)
+    saved = routers.to_checkpoint(fitted, 0.1)
     assert saved["hidden"] == {"consistency": routers.HIDDEN, "loss": routers.HIDDEN, "kl": routers.HIDDEN,
                                "gain": routers.MEMBERS["gain"] * routers.HIDDEN}
     routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
@@ -197,6 +205,8 @@ def test_flops_charge_a_learned_router_at_the_exits_a_token_reaches():
     masked = measure.routed_metrics(stats, 0.0, one.config, "router-kl")  # everyone leaves at exit 1
     assert masked["flops"] - measure.routed_metrics(stats, 0.0, one.config, "softmax")["flops"] == pytest.approx(
         100 * r.flops() / (3 * layer + head))
+    windows = measure.window_rows(stats, one.config, [0.0], "router-kl")[0]  # every window leaves: same depth
+    assert windows["flops"] == pytest.approx(masked["flops"])
     t = stats["conf"]["router-kl"][1].median().item()  # about half leave: one exit, so true exit routes alike
     true = measure.exit_metrics(one, ids, t, confidence={1: r})
     assert true["flops"] == pytest.approx(measure.routed_metrics(stats, t, one.config, "router-kl")["flops"])
