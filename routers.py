@@ -19,7 +19,8 @@ frozen model, in seconds; they are saved in the checkpoint and used wherever a c
 The gain router is the mean of MEMBERS["gain"] MLPs fitted from different seeds: one MLP fitted to so noisy a
 target is as much seed as signal, and from 200,000 characters on the mean of five is much the better router
 (bench/router_data.py).
-The mean of E MLPs of width H is itself one MLP, E*H wide (merge), so it is stored and run as one.
+The mean of E MLPs of width H is itself one MLP, E*H wide (merge), so it is stored and run as one (a
+router's width is read off its weights).
 """
 
 import time
@@ -190,8 +191,7 @@ def fit_held_out(model, data, train_chars, chars, vocab, epsilon=0.1, device="cp
 
 def to_checkpoint(routers, epsilon):
     """The routers as plain tensors, for the checkpoint."""
-    return {"epsilon": epsilon, "hidden": {label: next(iter(by_exit.values())).net[0].out_features
-                                           for label, by_exit in routers.items() if by_exit},
+    return {"epsilon": epsilon,
             "state": {label: {str(k): r.state_dict() for k, r in by_exit.items()} for label, by_exit in routers.items()}}
 
 
@@ -202,7 +202,7 @@ def from_checkpoint(ckpt, device="cpu"):
         out[f"router-{label}"] = {}
         for k, state in by_exit.items():
             try:
-                width = saved["hidden"] if isinstance(saved["hidden"], int) else saved["hidden"][label]  # int: before ensembles
+                width = state["net.0.weight"].shape[0]  # 128, or five times that for a mean of five
                 router = Router(ckpt["config"]["n_embd"], width, regress=label if label in REGRESS else None)
                 router.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError, KeyError):

@@ -161,10 +161,10 @@ def test_a_merged_router_scores_the_mean_of_its_members_and_costs_their_sum(monk
     assert torch.equal(one.score(x), again[0].score(x))
 
 
-def test_checkpoints_keep_each_labels_width_and_a_missing_one_is_a_damaged_checkpoint():
-    """fit_routers' gain router is its members fitted by hand from the stated seeds, merged; to_checkpoint
-    stores every label's width (the gain router is MEMBERS["gain"] times as wide); a width that is not
-    there is a clear error, not a KeyError."""
+def test_checkpoints_give_back_each_routers_width_and_a_damaged_one_is_a_clear_error():
+    """fit_routers' gain router is its members fitted by hand from the stated seeds, merged; it comes back
+    from the checkpoint as wide as it went in (MEMBERS["gain"] times the others), read off its weights;
+    weights that are not there are a clear error, not a KeyError."""
     model = make_model()
     ids = torch.randint(0, 23, (16 * 6 + 1,), generator=torch.Generator().manual_seed(1))
     fitted = routers.fit_routers(model, ids)
@@ -175,10 +175,12 @@ def test_checkpoints_keep_each_labels_width_and_a_missing_one_is_a_damaged_check
         members.append(routers.fit(routers.Router(16, regress="gain"), x, -gain, epochs=30, seed=1000 * m))
     assert torch.allclose(fitted["gain"][1].score(x), routers.merge(members).score(x), atol=1e-5)
     saved = routers.to_checkpoint(fitted, 0.1)
-    assert saved["hidden"] == {"consistency": routers.HIDDEN, "loss": routers.HIDDEN, "kl": routers.HIDDEN,
-                               "gain": routers.MEMBERS["gain"] * routers.HIDDEN}
-    routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
-    del saved["hidden"]["gain"]
+    loaded = routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
+    assert {label: r[1].net[0].out_features for label, r in loaded.items()} == {
+        "router-consistency": routers.HIDDEN, "router-loss": routers.HIDDEN, "router-kl": routers.HIDDEN,
+        "router-gain": routers.MEMBERS["gain"] * routers.HIDDEN}
+    assert torch.equal(loaded["router-gain"][1].score(x), fitted["gain"][1].score(x))
+    del saved["state"]["gain"]["1"]["net.0.weight"]
     with pytest.raises(routers.EEminiError, match="router-gain at exit 1 does not fit its model"):
         routers.from_checkpoint({"config": {"n_embd": 16}, "routers": saved})
 
